@@ -1,0 +1,75 @@
+"""The dense backend: the step functions of `jattn.ops`, vmapped over heads and batch.
+
+It materialises the ``[T, S]`` scores of every head, so its memory grows with T·S; it
+is the reference every other backend is tested against and the fastest choice for
+short sequences.  It supports every feature, including returning the weights.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jattn import ops
+from jattn.backends import heads as heads_lib
+from jattn.call import AttentionCall
+
+NAME = "dense"
+
+
+def refusal(call: AttentionCall, platform: str) -> str | None:
+    """The dense backend serves every call."""
+    return None
+
+
+def head_dropout_key(rng, batch_index, head):
+    """The dropout key of one (example, query head); every backend derives it so."""
+    return jax.random.fold_in(jax.random.fold_in(rng, batch_index), head)
+
+
+def _one_head(q, k, v, bias, dense_mask, head, batch_index, mask, score_mod, *, call):
+    """One example, one query head: q [T, H], k [S, H], v [S, Hv] -> context, weights, lse."""
+    T, S = q.shape[0], k.shape[0]
+    scores = ops.attention_scores(q, k, scale=call.scale, bias=bias, score_mod=score_mod, head=head)
+    allowed = ops.evaluate_mask(mask, (T, S))
+    if dense_mask is not None:
+        dense_mask = jnp.broadcast_to(dense_mask, (T, S))
+        allowed = dense_mask if allowed is None else allowed & dense_mask
+    weights = ops.attention_weights(scores, allowed)
+    lse = ops.log_normalizer(scores, allowed) if call.return_residual else None
+    if call.dropout_rate > 0.0:
+        key = head_dropout_key(call.dropout_rng, batch_index, head)
+        weights = ops.dropout_weights(weights, key, call.dropout_rate)
+    return ops.context_vectors(weights, v), weights, lse
+
+
+def run(call: AttentionCall):
+    """``(out [B, T, N, Hv], weights [B, N, T, S] | None, lse [B, T, N] | None)``."""
+    s = call.shape
+    g = heads_lib.group_heads(call)
+    mask, mask_axes = (None, None)
+    if (m := call.index_mask()) is not None:
+        mask, mask_axes = m.batch_in_axes(s["B"], s["T"], s["S"])
+    score_mod, score_mod_axes = (None, None)
+    if (sm := call.index_score_mod()) is not None:
+        score_mod, score_mod_axes = sm.batch_in_axes(s["B"], s["T"], s["S"])
+
+    def one_head(*args):
+        return _one_head(*args, call=call)
+
+    b_bias, k_bias, g_bias = g["bias_axes"]
+    b_dm, k_dm, g_dm = g["dense_mask_axes"]
+    over_groups = jax.vmap(one_head, in_axes=(0, None, None, g_bias, g_dm, 0, None, None, None))
+    over_kv_heads = jax.vmap(over_groups, in_axes=(0, 0, 0, k_bias, k_dm, 0, None, None, None))
+    over_batch = jax.vmap(
+        over_kv_heads, in_axes=(0, 0, 0, b_bias, b_dm, None, 0, mask_axes, score_mod_axes)
+    )
+    batch_index = jnp.arange(s["B"], dtype=jnp.int32)
+    out, weights, lse = over_batch(
+        g["q"], g["k"], g["v"], g["bias"], g["dense_mask"], g["head"], batch_index, mask, score_mod
+    )
+    out = heads_lib.ungroup_output(out)
+    weights = heads_lib.ungroup_rows(weights) if call.return_weights else None
+    if lse is not None:
+        lse = heads_lib.ungroup_rows(lse).transpose(0, 2, 1)
+    return out, weights, lse

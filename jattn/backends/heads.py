@@ -1,0 +1,67 @@
+"""GQA head grouping shared by the backends.
+
+Query heads are laid out as K groups of G = N // K heads; query head ``n = kv * G + g``
+uses key/value head ``kv``.  Backends vmap a one-head function over G (keys and
+values shared), then over K, then over the batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jattn.call import AttentionCall
+
+Array = jax.Array
+
+
+def squeeze_broadcast_axes(x: Array | None, sizes: tuple[int, ...]):
+    """Prepare an array with leading axes of ``sizes`` (each given as that size or as 1)
+    for nested vmaps: size-1 axes are squeezed and reported as None, the others as 0.
+
+    >>> import jax.numpy as jnp
+    >>> x, axes = squeeze_broadcast_axes(jnp.zeros((1, 3, 5)), (2, 3))
+    >>> x.shape, axes
+    ((3, 5), [None, 0])
+    """
+    if x is None:
+        return None, [None] * len(sizes)
+    axes = [0 if x.shape[i] == size != 1 else None for i, size in enumerate(sizes)]
+    squeeze = tuple(i for i, a in enumerate(axes) if a is None)
+    return jnp.squeeze(x, axis=squeeze) if squeeze else x, axes
+
+
+def group_heads(call: AttentionCall):
+    """Inputs arranged for vmaps over (batch, kv head, group).
+
+    Returns a dict with ``q [B, K, G, T, H]``, ``k [B, K, S, H]``, ``v [B, K, S, Hv]``,
+    ``head [K, G]`` (query-head ids), and ``bias`` / ``dense_mask`` squeezed to
+    their non-broadcast axes of (B, K, G) with the matching in_axes per level.
+    """
+    s = call.shape
+    B, K, G = s["B"], s["K"], s["N"] // s["K"]
+    grouped = dict(
+        q=call.query.reshape(B, s["T"], K, G, s["H"]).transpose(0, 2, 3, 1, 4),
+        k=call.key.transpose(0, 2, 1, 3),
+        v=call.value.transpose(0, 2, 1, 3),
+        head=jnp.arange(s["N"], dtype=jnp.int32).reshape(K, G),
+    )
+    for name in ("bias", "dense_mask"):
+        x = getattr(call, name)
+        if x is not None:
+            Bx, Nx, Tx, Sx = x.shape
+            x = x.reshape(Bx, K, G, Tx, Sx) if Nx != 1 else x.reshape(Bx, 1, 1, Tx, Sx)
+        grouped[name], grouped[name + "_axes"] = squeeze_broadcast_axes(x, (B, K, G))
+    return grouped
+
+
+def ungroup_output(out: Array) -> Array:
+    """``[B, K, G, T, Hv]`` -> ``[B, T, N, Hv]``."""
+    B, K, G, T, Hv = out.shape
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, Hv)
+
+
+def ungroup_rows(x: Array) -> Array:
+    """``[B, K, G, T, ...]`` -> ``[B, N, T, ...]`` (weights and log-sum-exp)."""
+    B, K, G = x.shape[:3]
+    return x.reshape(B, K * G, *x.shape[3:])
