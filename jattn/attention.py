@@ -105,8 +105,9 @@ def dot_product_attention(
         logits_soft_cap=logits_soft_cap, score_mod=score_mod, dropout_rate=dropout_rate,
         dropout_rng=dropout_rng, return_weights=return_weights, block_sizes=block_sizes,
     )
-    choice = dispatch.choose(call, dispatch.current_platform())
-    out, weights, lse = dispatch.BACKENDS[choice.backend].run(call)
+    platform = dispatch.current_platform()
+    choice = dispatch.choose(call, platform)
+    out, weights, lse = dispatch.BACKENDS[choice.backend].run(call, platform)
     if call.unbatched:
         out = out[0]
         weights = None if weights is None else weights[0]

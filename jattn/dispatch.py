@@ -2,6 +2,14 @@
 
 `choose` is a pure function of the validated call and the platform name, so the
 decision logic is tested on any machine by passing ``platform="gpu"`` or ``"tpu"``.
+
+The automatic policy (``implementation=None``), in order:
+
+1. ``return_weights`` needs the weights materialised: **dense**.
+2. On a GPU, when cuDNN's fused kernel supports the request: **cudnn**.
+3. Short sequences, ``T·S <= DENSE_MAX_SCORES[platform]``: **dense** (one fused
+   pass beats a loop over tiles there; measured in docs/benchmarks.md).
+4. Otherwise: **chunked** (O(T) memory, skips tiles the mask empties).
 """
 
 from __future__ import annotations
@@ -10,10 +18,14 @@ import dataclasses
 
 import jax
 
-from jattn.backends import dense
+from jattn.backends import chunked, cudnn, dense
 from jattn.call import AttentionCall
 
-BACKENDS = {dense.NAME: dense}
+BACKENDS = {dense.NAME: dense, chunked.NAME: chunked, cudnn.NAME: cudnn}
+
+# Largest T·S for which auto prefers dense over chunked, per platform (from the
+# crossover measured by experiments/benchmark.py; see docs/benchmarks.md).
+DENSE_MAX_SCORES = {"cpu": 1024 * 1024, "gpu": 1024 * 1024, "tpu": 1024 * 1024}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +57,6 @@ def choose(call: AttentionCall, platform: str) -> Explanation:
         if (why := backend.refusal(call, platform)) is not None
     }
     if call.implementation is not None:
-        if call.implementation not in BACKENDS:
-            raise ValueError(f"implementation={call.implementation!r} is not available in this build")
         if call.implementation in refused:
             raise ValueError(
                 f"implementation={call.implementation!r} cannot serve this call: "
@@ -54,4 +64,22 @@ def choose(call: AttentionCall, platform: str) -> Explanation:
             )
         others = {n: "not requested (implementation was given)" for n in BACKENDS if n != call.implementation}
         return Explanation(call.implementation, "requested by implementation=", others)
-    return Explanation("dense", "the only backend available", refused)
+
+    s = call.shape
+    scores = s["T"] * s["S"]
+    limit = DENSE_MAX_SCORES.get(platform, DENSE_MAX_SCORES["cpu"])
+    if call.return_weights:
+        chosen, reason = "dense", "return_weights=True needs the weights materialised"
+    elif "cudnn" not in refused:
+        chosen, reason = "cudnn", "cuDNN's fused flash kernel supports this request"
+    elif scores <= limit:
+        chosen, reason = "dense", f"short: T·S = {scores} <= {limit}, where one dense pass is fastest"
+        refused.setdefault("chunked", f"T·S = {scores} <= {limit}: dense is faster at this size")
+    else:
+        chosen, reason = "chunked", f"long: T·S = {scores} > {limit}; O(T) memory, skips empty tiles"
+        refused.setdefault("dense", f"T·S = {scores} > {limit}: materialising the scores costs memory and time")
+    refused.pop(chosen, None)
+    for name in BACKENDS:
+        if name != chosen:
+            refused.setdefault(name, f"{chosen} is preferred when it applies")
+    return Explanation(chosen, reason, refused)

@@ -43,7 +43,7 @@ def _one_head(q, k, v, bias, dense_mask, head, batch_index, mask, score_mod, *, 
     return ops.context_vectors(weights, v), weights, lse
 
 
-def run(call: AttentionCall):
+def run(call: AttentionCall, platform: str):
     """``(out [B, T, N, Hv], weights [B, N, T, S] | None, lse [B, T, N] | None)``."""
     s = call.shape
     g = heads_lib.group_heads(call)
@@ -57,15 +57,15 @@ def run(call: AttentionCall):
     def one_head(*args):
         return _one_head(*args, call=call)
 
-    b_bias, k_bias, g_bias = g["bias_axes"]
-    b_dm, k_dm, g_dm = g["dense_mask_axes"]
-    over_groups = jax.vmap(one_head, in_axes=(0, None, None, g_bias, g_dm, 0, None, None, None))
-    over_kv_heads = jax.vmap(over_groups, in_axes=(0, 0, 0, k_bias, k_dm, 0, None, None, None))
-    over_batch = jax.vmap(
-        over_kv_heads, in_axes=(0, 0, 0, b_bias, b_dm, None, 0, mask_axes, score_mod_axes)
+    H = heads_lib
+    over_heads = H.vmap_heads(
+        one_head,
+        H.PER_QUERY_HEAD, H.PER_KV_HEAD, H.PER_KV_HEAD, g["bias_axes"], g["dense_mask_axes"],
+        H.HEAD_ID, H.PER_EXAMPLE, (mask_axes, None, None), (score_mod_axes, None, None),
+        sizes=H.head_sizes(call),
     )
     batch_index = jnp.arange(s["B"], dtype=jnp.int32)
-    out, weights, lse = over_batch(
+    out, weights, lse = over_heads(
         g["q"], g["k"], g["v"], g["bias"], g["dense_mask"], g["head"], batch_index, mask, score_mod
     )
     out = heads_lib.ungroup_output(out)

@@ -65,3 +65,32 @@ def ungroup_rows(x: Array) -> Array:
     """``[B, K, G, T, ...]`` -> ``[B, N, T, ...]`` (weights and log-sum-exp)."""
     B, K, G = x.shape[:3]
     return x.reshape(B, K * G, *x.shape[3:])
+
+
+# in_axes triples (batch, kv head, group) for the common kinds of argument.
+PER_QUERY_HEAD = (0, 0, 0)  # q-like: one slice per (example, query head)
+PER_KV_HEAD = (0, 0, None)  # k / v: shared by the G query heads of a group
+HEAD_ID = (None, 0, 0)  # the [K, G] table of query-head ids
+PER_EXAMPLE = (0, None, None)  # the batch index
+SHARED = (None, None, None)  # the same for everyone (indices, keys, static config)
+
+
+def vmap_heads(fn, *axes, sizes: tuple[int, int, int]):
+    """vmap a one-head function over groups, kv heads and the batch.
+
+    ``axes`` gives, per positional argument of ``fn``, a (batch, kv head, group)
+    triple of in_axes (see the constants above; mask objects use
+    ``(their_batch_axes, None, None)``); ``sizes`` is ``(B, K, G)``.  Outputs gain
+    leading ``[B, K, G]`` axes, also when no argument varies along one of them.
+    """
+    batch_axes, kv_axes, group_axes = zip(*axes)
+    B, K, G = sizes
+    over_groups = jax.vmap(fn, in_axes=group_axes, axis_size=G)
+    over_kv = jax.vmap(over_groups, in_axes=kv_axes, axis_size=K)
+    return jax.vmap(over_kv, in_axes=batch_axes, axis_size=B)
+
+
+def head_sizes(call: AttentionCall) -> tuple[int, int, int]:
+    """``(B, K, G)`` of a call."""
+    s = call.shape
+    return s["B"], s["K"], s["N"] // s["K"]

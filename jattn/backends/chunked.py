@@ -1,0 +1,386 @@
+"""The chunked backend: flash-style attention in pure JAX, O(T) memory.
+
+Forward: for each block of ``block_q`` queries, walk the key/value blocks keeping a
+running row max ``m``, normaliser ``l`` and un-normalised output ``acc`` (the online
+softmax), so no ``[T, S]`` array ever exists:
+
+    m' = max(m, rowmax(s));  l' = l·e^(m - m') + rowsum(e^(s - m'));
+    acc' = acc·e^(m - m') + e^(s - m')·V_blk;     out = acc / l,  lse = m + log l
+
+Backward (`jax.custom_vjp`): only ``out`` and ``lse`` are saved; each block's
+probabilities are recomputed as ``p = e^(s - lse)``, then
+``dV += pᵀ·dO``, ``dP = dO·Vᵀ``, ``dS = p ∘ (dP - rowsum(dO ∘ out))`` and
+``(dQ, dK, dbias, dscore_mod) = vjp(scores)(dS)``.
+
+Tiles are classified once from the mask (`jattn.masks.Mask.block_kinds`): EMPTY tiles
+are never visited (the key loop of each query block runs from its first to its last
+non-empty tile, and skips empty ones in between), FULL tiles skip mask evaluation,
+PARTIAL tiles evaluate it.  The math per tile is written for ONE head (the functions
+prefixed ``_head_``) and vmapped over GQA groups, kv heads and the batch; the loops
+over tiles run outside the vmap so that skipping is real control flow.
+
+Dropout draws each weight's fate from ``jattn.ops.dropout_keep_mask`` at the weight's
+global (row, column): the same pattern as the dense backend, tile by tile.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jattn import masks as masks_lib
+from jattn import ops
+from jattn.backends import heads as H
+from jattn.backends.dense import head_dropout_key
+from jattn.call import AttentionCall
+
+NAME = "chunked"
+
+# (block_q, block_kv) per platform, from experiments/benchmark.py sweeps (docs/benchmarks.md).
+DEFAULT_BLOCK_SIZES = {"cpu": (512, 512), "gpu": (1024, 1024), "tpu": (512, 512)}
+
+
+def refusal(call: AttentionCall, platform: str) -> str | None:
+    if call.return_weights:
+        return "never materialises the weights, so it cannot return them (dense can)"
+    return None
+
+
+def block_sizes_for(call: AttentionCall, platform: str) -> tuple[int, int]:
+    """The (block_q, block_kv) used: the call's, else the platform default, clipped to
+    the sequence lengths (a short sequence is a single block, unpadded)."""
+    bq, bk = call.block_sizes or DEFAULT_BLOCK_SIZES.get(platform, DEFAULT_BLOCK_SIZES["cpu"])
+    s = call.shape
+    return min(bq, s["T"]), min(bk, s["S"])
+
+
+# ------------------------------------------------------------------ one-head tile math
+def _head_scores(q, k, bias, head, q_idx, kv_idx, score_mod, *, scale):
+    """Scores of one tile for one head: q [bq, H], k [bk, H] -> [bq, bk] float32."""
+    return ops.attention_scores(
+        q, k, scale=scale, bias=bias, score_mod=score_mod, head=head, q_idx=q_idx, kv_idx=kv_idx
+    )
+
+
+def _head_allowed(dense_mask, q_idx, kv_idx, mask, *, num_kv):
+    """Which entries of the tile may be attended (keys past S are padding)."""
+    allowed = kv_idx[None, :] < num_kv
+    if mask is not None:
+        allowed = allowed & mask(q_idx[:, None], kv_idx[None, :])
+    if dense_mask is not None:
+        allowed = allowed & dense_mask
+    return jnp.broadcast_to(allowed, (q_idx.shape[0], kv_idx.shape[0]))
+
+
+def _head_keep(rng, batch_index, head, q_idx, kv_idx, *, rate):
+    """Dropout keep-mask of one tile: the dense backend's pattern, regenerated here."""
+    key = head_dropout_key(rng, batch_index, head)
+    return ops.dropout_keep_mask(key, rate, q_idx[:, None], kv_idx[None, :])
+
+
+def _head_forward_update(s, allowed, keep, v, m, l, acc, *, rate):
+    """One online-softmax step for one head: fold tile scores s [bq, bk] and values
+    v [bk, Hv] into the running (m [bq], l [bq], acc [bq, Hv])."""
+    if allowed is not None:
+        s = jnp.where(allowed, s, ops.MASKED_SCORE)
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    p = jnp.exp(s - m_new[:, None])
+    if allowed is not None:
+        p = jnp.where(allowed, p, 0.0)
+    correction = jnp.exp(m - m_new)
+    l_new = l * correction + p.sum(axis=-1)
+    if keep is not None:
+        p = jnp.where(keep, p / (1.0 - rate), 0.0)
+    pv = jnp.einsum("qs,sh->qh", p.astype(v.dtype), v, preferred_element_type=acc.dtype)
+    return m_new, l_new, acc * correction[:, None] + pv
+
+
+def _head_backward_tile(s, allowed, keep, v, do, lse, delta, *, rate):
+    """Gradient pieces of one tile for one head: returns (dS [bq, bk], dV [bk, Hv]).
+
+    lse is +inf for fully masked rows, so their p = e^(s - lse) is exactly 0."""
+    p = jnp.exp(s - lse[:, None])
+    if allowed is not None:
+        p = jnp.where(allowed, p, 0.0)
+    dp = jnp.einsum("qh,sh->qs", do, v, preferred_element_type=s.dtype)
+    p_used = p
+    if keep is not None:
+        p_used = jnp.where(keep, p / (1.0 - rate), 0.0)
+        dp = jnp.where(keep, dp / (1.0 - rate), 0.0)
+    dv = jnp.einsum("qs,qh->sh", p_used.astype(do.dtype), do, preferred_element_type=s.dtype)
+    ds = p * (dp - delta[:, None])
+    return ds, dv
+
+
+# ------------------------------------------------------------------------ tile tables
+def _block_table(call, mask, mask_axes, dense_mask, num_q_blocks, num_kv_blocks, bq, bk):
+    """EMPTY / PARTIAL / FULL code per (q block, kv block) for the whole batch, and for
+    each q block the range [lo, hi) of kv blocks that are not all EMPTY.
+
+    NumPy (static: loop bounds and branches are constants) when the mask structure is
+    known at trace time; jnp otherwise, reduced over the batch (a tile is skipped only
+    if it is empty for every example)."""
+    s = call.shape
+    kinds = np.full((num_q_blocks, num_kv_blocks), masks_lib.FULL, np.int8)
+    if mask is not None:
+        if mask.is_static():
+            kinds = mask.block_kinds(s["T"], s["S"], bq, bk)
+        else:
+            per_example = jax.vmap(lambda m: m.block_kinds(s["T"], s["S"], bq, bk), in_axes=(mask_axes,))(mask)
+            per_example = jnp.broadcast_to(per_example, (s["B"], num_q_blocks, num_kv_blocks))
+            empty = jnp.all(per_example == masks_lib.EMPTY, axis=0)
+            full = jnp.all(per_example == masks_lib.FULL, axis=0)
+            kinds = jnp.where(empty, masks_lib.EMPTY, jnp.where(full, masks_lib.FULL, masks_lib.PARTIAL))
+    if dense_mask is not None:
+        # dense_mask is padded to the tile grid; reduce every axis but the tile axes.
+        t, k = dense_mask.shape[-2:]
+        tiles = dense_mask.reshape(dense_mask.shape[:-2] + (t // bq if t > 1 else 1, bq if t > 1 else 1,
+                                                             k // bk if k > 1 else 1, bk if k > 1 else 1))
+        lead = tuple(range(tiles.ndim - 4))
+        empty = ~tiles.any(axis=lead + (tiles.ndim - 3, tiles.ndim - 1))
+        full = tiles.all(axis=lead + (tiles.ndim - 3, tiles.ndim - 1))
+        dense_kinds = jnp.where(empty, masks_lib.EMPTY, jnp.where(full, masks_lib.FULL, masks_lib.PARTIAL))
+        kinds = jnp.minimum(kinds, jnp.broadcast_to(dense_kinds, kinds.shape))
+    if num_kv_blocks * bk > s["S"]:
+        # The last kv tile holds padding keys, which only the mask path excludes.
+        xp = np if isinstance(kinds, np.ndarray) else jnp
+        last = xp.minimum(kinds[:, -1:], masks_lib.PARTIAL)
+        kinds = xp.concatenate([kinds[:, :-1], last], axis=1)
+    xp = np if isinstance(kinds, np.ndarray) else jnp
+    kinds = kinds.astype(xp.int8)
+    nonempty = kinds != masks_lib.EMPTY
+    any_ = nonempty.any(axis=1)
+    lo = xp.where(any_, xp.argmax(nonempty, axis=1), 0).astype(xp.int32)
+    hi = xp.where(any_, num_kv_blocks - xp.argmax(nonempty[:, ::-1], axis=1), 0).astype(xp.int32)
+    return kinds, lo, hi
+
+
+def _tile_of(x, i, j, bq, bk):
+    """The (i, j) tile of an array whose last two axes are (T or 1, S or 1)."""
+    if x is None:
+        return None
+    if x.shape[-2] > 1:
+        x = lax.dynamic_slice_in_dim(x, i * bq, bq, axis=x.ndim - 2)
+    if x.shape[-1] > 1:
+        x = lax.dynamic_slice_in_dim(x, j * bk, bk, axis=x.ndim - 1)
+    return x
+
+
+def _pad_last2(x, t_to, s_to, value):
+    """Pad the (T, S) axes of a bias / mask to the tile grid (broadcast axes stay 1)."""
+    if x is None:
+        return None
+    t, s = x.shape[-2:]
+    pads = [(0, 0)] * (x.ndim - 2) + [(0, t_to - t if t > 1 else 0), (0, s_to - s if s > 1 else 0)]
+    return jnp.pad(x, pads, constant_values=value)
+
+
+def _split_differentiable(tree):
+    """Leaves of a score_mod that take gradients (inexact arrays) vs the rest."""
+    if tree is None:
+        return [], lambda leaves: None
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    diff_positions = [
+        n for n, leaf in enumerate(leaves)
+        if isinstance(leaf, jax.Array | np.ndarray) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
+
+    def rebuild(diff_leaves):
+        new = list(leaves)
+        for n, leaf in zip(diff_positions, diff_leaves):
+            new[n] = leaf
+        return jax.tree_util.tree_unflatten(treedef, new)
+
+    return [leaves[n] for n in diff_positions], rebuild
+
+
+# ----------------------------------------------------------------------------- driver
+def run(call: AttentionCall, platform: str):
+    """``(out [B, T, N, Hv], None, lse [B, T, N] | None)`` via the tiled algorithm."""
+    s = call.shape
+    B, T, S, K, G = s["B"], s["T"], s["S"], s["K"], s["N"] // s["K"]
+    bq, bk = block_sizes_for(call, platform)
+    nq, nk = -(-T // bq), -(-S // bk)
+    Tp, Sp = nq * bq, nk * bk
+
+    g = H.group_heads(call)
+    mask = call.index_mask()
+    mask_axes = None
+    if mask is not None:
+        mask, mask_axes = mask.batch_in_axes(B, T, S)
+    score_mod = call.index_score_mod()
+    score_mod_axes = None
+    if score_mod is not None:
+        score_mod, score_mod_axes = score_mod.batch_in_axes(B, T, S)
+
+    q = jnp.pad(g["q"], [(0, 0)] * 3 + [(0, Tp - T), (0, 0)])
+    k = jnp.pad(g["k"], [(0, 0)] * 2 + [(0, Sp - S), (0, 0)])
+    v = jnp.pad(g["v"], [(0, 0)] * 2 + [(0, Sp - S), (0, 0)])
+    bias = _pad_last2(g["bias"], Tp, Sp, 0.0)
+    dense_mask = _pad_last2(g["dense_mask"], Tp, Sp, False)
+    kinds, lo, hi = _block_table(call, mask, mask_axes, dense_mask, nq, nk, bq, bk)
+
+    # Tile-major layouts so the loops index the leading axis.
+    q_tiles = q.reshape(B, K, G, nq, bq, -1).transpose(3, 0, 1, 2, 4, 5)
+    k_tiles = k.reshape(B, K, nk, bk, -1).transpose(2, 0, 1, 3, 4)
+    v_tiles = v.reshape(B, K, nk, bk, -1).transpose(2, 0, 1, 3, 4)
+
+    sm_leaves, rebuild_score_mod = _split_differentiable(score_mod)
+    sizes = H.head_sizes(call)
+    rate = call.dropout_rate
+    mask_in = (mask_axes, None, None)
+
+    def tile_scores(q_t, k_t, bias_t, sm_leaves, q_idx, kv_idx):
+        fn = functools.partial(_head_scores, scale=call.scale)
+        return H.vmap_heads(
+            fn, H.PER_QUERY_HEAD, H.PER_KV_HEAD, g["bias_axes"], H.HEAD_ID, H.SHARED, H.SHARED,
+            (score_mod_axes, None, None), sizes=sizes,
+        )(q_t, k_t, bias_t, g["head"], q_idx, kv_idx, rebuild_score_mod(sm_leaves))
+
+    def tile_allowed(dense_mask_t, q_idx, kv_idx):
+        fn = functools.partial(_head_allowed, num_kv=S)
+        return H.vmap_heads(fn, g["dense_mask_axes"], H.SHARED, H.SHARED, mask_in, sizes=sizes)(
+            dense_mask_t, q_idx, kv_idx, mask
+        )
+
+    def tile_keep(rng, q_idx, kv_idx):
+        fn = functools.partial(_head_keep, rate=rate)
+        batch_index = jnp.arange(B, dtype=jnp.int32)
+        return H.vmap_heads(fn, H.SHARED, H.PER_EXAMPLE, H.HEAD_ID, H.SHARED, H.SHARED, sizes=sizes)(
+            rng, batch_index, g["head"], q_idx, kv_idx
+        )
+
+    def tile_inputs(i, j, q_t, bias, dense_mask, rng):
+        q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)
+        kv_idx = j * bk + jnp.arange(bk, dtype=jnp.int32)
+        keep = tile_keep(rng, q_idx, kv_idx) if rate > 0.0 else None
+        return q_idx, kv_idx, _tile_of(bias, i, j, bq, bk), _tile_of(dense_mask, i, j, bq, bk), keep
+
+    def visit(i, kinds_, lo_, hi_, carry, tile_fn):
+        """Run tile_fn(j, carry, masked) over the non-empty kv tiles of q tile i."""
+
+        def step(j, carry):
+            branches = [
+                lambda c: c,  # EMPTY
+                lambda c: tile_fn(j, c, True),  # PARTIAL
+                lambda c: tile_fn(j, c, False),  # FULL
+            ]
+            return lax.switch(jnp.asarray(kinds_)[i, j].astype(jnp.int32), branches, carry)
+
+        return lax.fori_loop(jnp.asarray(lo_)[i], jnp.asarray(hi_)[i], step, carry)
+
+    def forward(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_, lo_, hi_):
+        acc_dtype = jnp.promote_types(v_tiles.dtype, jnp.float32)
+
+        def q_block(_, xs):
+            i, q_t = xs
+            init = (
+                jnp.full((B, K, G, bq), ops.MASKED_SCORE, acc_dtype),
+                jnp.zeros((B, K, G, bq), acc_dtype),
+                jnp.zeros((B, K, G, bq, v_tiles.shape[-1]), acc_dtype),
+            )
+
+            def tile(j, carry, masked):
+                q_idx, kv_idx, bias_t, dm_t, keep = tile_inputs(i, j, q_t, bias, dense_mask, rng)
+                s_ = tile_scores(q_t, k_tiles[j], bias_t, sm_leaves, q_idx, kv_idx)
+                allowed = tile_allowed(dm_t, q_idx, kv_idx) if masked else None
+                update = functools.partial(_head_forward_update, rate=rate)
+                Q, KV = H.PER_QUERY_HEAD, H.PER_KV_HEAD
+                return H.vmap_heads(update, Q, Q, Q, KV, Q, Q, Q, sizes=sizes)(s_, allowed, keep, v_tiles[j], *carry)
+
+            m, l, acc = visit(i, kinds_, lo_, hi_, init, tile)
+            out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
+            lse = jnp.where(l == 0.0, -jnp.inf, m + jnp.log(jnp.where(l == 0.0, 1.0, l)))
+            return None, (out.astype(v_tiles.dtype), lse)
+
+        _, (out, lse) = lax.scan(q_block, None, (jnp.arange(nq), q_tiles))
+        return out, lse
+
+    @jax.custom_vjp
+    def flash(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_, lo_, hi_):
+        return forward(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_, lo_, hi_)
+
+    def flash_fwd(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_, lo_, hi_):
+        out, lse = forward(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_, lo_, hi_)
+        residuals = (q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_, lo_, hi_, out, lse)
+        return (out, lse), residuals
+
+    def flash_bwd(residuals, cotangents):
+        q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_, lo_, hi_, out, lse = residuals
+        d_out, _ = cotangents  # lse is returned without gradient (as jax.nn does)
+        acc_dtype = jnp.promote_types(q_tiles.dtype, jnp.float32)
+        delta = jnp.sum(d_out.astype(acc_dtype) * out.astype(acc_dtype), axis=-1)
+        lse_safe = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
+        d_k0 = jnp.zeros(k_tiles.shape, acc_dtype)
+        d_v0 = jnp.zeros(v_tiles.shape, acc_dtype)
+        d_bias0 = None if bias is None else jnp.zeros(bias.shape, acc_dtype)
+        d_sm0 = [jnp.zeros(x.shape, acc_dtype) for x in sm_leaves]
+
+        def q_block(carry, xs):
+            i, q_t, do_t, lse_t, delta_t = xs
+
+            def tile(j, inner, masked):
+                d_q, d_k, d_v, d_bias, d_sm = inner
+                q_idx, kv_idx, bias_t, dm_t, keep = tile_inputs(i, j, q_t, bias, dense_mask, rng)
+                scores_fn = lambda q_, k_, b_, sm_: tile_scores(q_, k_, b_, sm_, q_idx, kv_idx)
+                s_, scores_vjp = jax.vjp(scores_fn, q_t, k_tiles[j], bias_t, sm_leaves)
+                allowed = tile_allowed(dm_t, q_idx, kv_idx) if masked else None
+                grad = functools.partial(_head_backward_tile, rate=rate)
+                Q, KV = H.PER_QUERY_HEAD, H.PER_KV_HEAD
+                ds, dv_heads = H.vmap_heads(grad, Q, Q, Q, KV, Q, Q, Q, sizes=sizes)(
+                    s_, allowed, keep, v_tiles[j], do_t, lse_t, delta_t
+                )
+                dq_t, dk_t, dbias_t, dsm_t = scores_vjp(ds)
+                d_q = d_q + dq_t
+                d_k = _add_at(d_k, j, dk_t)
+                d_v = _add_at(d_v, j, dv_heads.sum(axis=2))
+                if d_bias is not None:
+                    d_bias = _add_tile(d_bias, dbias_t, i, j, bq, bk)
+                d_sm = [a + b for a, b in zip(d_sm, dsm_t)]
+                return d_q, d_k, d_v, d_bias, d_sm
+
+            d_k, d_v, d_bias, d_sm = carry
+            d_q = jnp.zeros(q_t.shape, acc_dtype)
+            d_q, d_k, d_v, d_bias, d_sm = visit(i, kinds_, lo_, hi_, (d_q, d_k, d_v, d_bias, d_sm), tile)
+            return (d_k, d_v, d_bias, d_sm), d_q
+
+        xs = (jnp.arange(nq), q_tiles, d_out, lse_safe, delta)
+        (d_k, d_v, d_bias, d_sm), d_q = lax.scan(q_block, (d_k0, d_v0, d_bias0, d_sm0), xs)
+        return (
+            d_q.astype(q_tiles.dtype), d_k.astype(k_tiles.dtype), d_v.astype(v_tiles.dtype),
+            None if bias is None else d_bias.astype(bias.dtype), None,
+            [d.astype(x.dtype) for d, x in zip(d_sm, sm_leaves)], None, None, None, None,
+        )
+
+    flash.defvjp(flash_fwd, flash_bwd)
+    out, lse = flash(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, call.dropout_rng, kinds, lo, hi)
+
+    out = out.transpose(1, 2, 3, 0, 4, 5).reshape(B, K, G, Tp, -1)[:, :, :, :T]
+    out = H.ungroup_output(out)
+    lse_out = None
+    if call.return_residual:
+        lse = lse.transpose(1, 2, 3, 0, 4).reshape(B, K, G, Tp)[:, :, :, :T]
+        lse_out = lax.stop_gradient(H.ungroup_rows(lse).transpose(0, 2, 1))
+    return out, None, lse_out
+
+
+def _add_at(total, j, value):
+    """``total[j] += value`` as a dynamic-slice update, which XLA performs in place on
+    a loop-carried buffer."""
+    current = lax.dynamic_index_in_dim(total, j, keepdims=False)
+    return lax.dynamic_update_index_in_dim(total, current + value.astype(total.dtype), j, 0)
+
+
+def _add_tile(total, tile, i, j, bq, bk):
+    """``total[..., tile (i, j)] += tile`` for an array laid out like `_tile_of` reads
+    it (a broadcast T or S axis of size 1 is not tiled)."""
+    start = [0] * (total.ndim - 2) + [
+        i * bq if total.shape[-2] > 1 else 0,
+        j * bk if total.shape[-1] > 1 else 0,
+    ]
+    current = lax.dynamic_slice(total, start, tile.shape)
+    return lax.dynamic_update_slice(total, current + tile.astype(total.dtype), start)
