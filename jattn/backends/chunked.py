@@ -297,7 +297,7 @@ def run(call: AttentionCall, platform: str):
             lse = jnp.where(l == 0.0, -jnp.inf, m + jnp.log(jnp.where(l == 0.0, 1.0, l)))
             return None, (out.astype(v_tiles.dtype), lse)
 
-        _, (out, lse) = lax.scan(q_block, None, (jnp.arange(nq), q_tiles))
+        _, (out, lse) = lax.scan(q_block, None, (jnp.arange(nq, dtype=jnp.int32), q_tiles))
         return out, lse
 
     @jax.custom_vjp
@@ -348,7 +348,7 @@ def run(call: AttentionCall, platform: str):
             d_q, d_k, d_v, d_bias, d_sm = visit(i, kinds_, lo_, hi_, (d_q, d_k, d_v, d_bias, d_sm), tile)
             return (d_k, d_v, d_bias, d_sm), d_q
 
-        xs = (jnp.arange(nq), q_tiles, d_out, lse_safe, delta)
+        xs = (jnp.arange(nq, dtype=jnp.int32), q_tiles, d_out, lse_safe, delta)
         (d_k, d_v, d_bias, d_sm), d_q = lax.scan(q_block, (d_k0, d_v0, d_bias0, d_sm0), xs)
         return (
             d_q.astype(q_tiles.dtype), d_k.astype(k_tiles.dtype), d_v.astype(v_tiles.dtype),
@@ -378,9 +378,10 @@ def _add_at(total, j, value):
 def _add_tile(total, tile, i, j, bq, bk):
     """``total[..., tile (i, j)] += tile`` for an array laid out like `_tile_of` reads
     it (a broadcast T or S axis of size 1 is not tiled)."""
-    start = [0] * (total.ndim - 2) + [
-        i * bq if total.shape[-2] > 1 else 0,
-        j * bk if total.shape[-1] > 1 else 0,
+    zero = jnp.zeros((), jnp.int32)  # one index dtype for every axis, also under x64
+    start = [zero] * (total.ndim - 2) + [
+        i * bq if total.shape[-2] > 1 else zero,
+        j * bk if total.shape[-1] > 1 else zero,
     ]
     current = lax.dynamic_slice(total, start, tile.shape)
     return lax.dynamic_update_slice(total, current + tile.astype(total.dtype), start)
