@@ -41,7 +41,7 @@ from jattn.call import AttentionCall
 NAME = "chunked"
 
 # (block_q, block_kv) per platform, from experiments/benchmark.py sweeps (docs/benchmarks.md).
-DEFAULT_BLOCK_SIZES = {"cpu": (512, 512), "gpu": (1024, 1024), "tpu": (512, 512)}
+DEFAULT_BLOCK_SIZES = {"cpu": (256, 256), "gpu": (1024, 1024), "tpu": (512, 512)}
 
 
 def refusal(call: AttentionCall, platform: str) -> str | None:
@@ -260,16 +260,27 @@ def run(call: AttentionCall, platform: str):
         keep = tile_keep(rng, q_idx, kv_idx) if rate > 0.0 else None
         return q_idx, kv_idx, _tile_of(bias, i, j, bq, bk), _tile_of(dense_mask, i, j, bq, bk), keep
 
-    def visit(i, kinds_, lo_, hi_, carry, tile_fn):
-        """Run tile_fn(j, carry, masked) over the non-empty kv tiles of q tile i."""
+    def visit(i, kinds_, lo_, hi_, carry, tile_fn, fold=None):
+        """Walk the kv tiles [lo[i], hi[i]) of q tile i, dispatching on each tile's kind.
+
+        ``tile_fn(j, carry, masked)`` computes a tile.  Without ``fold`` it returns the
+        new (small) carry.  With ``fold`` it returns only the tile's contributions,
+        and ``fold(j, carry, contributions)`` adds them in: large accumulators then
+        never pass through the switch, which would copy them on every tile.
+        """
 
         def step(j, carry):
-            branches = [
-                lambda c: c,  # EMPTY
-                lambda c: tile_fn(j, c, True),  # PARTIAL
-                lambda c: tile_fn(j, c, False),  # FULL
-            ]
-            return lax.switch(jnp.asarray(kinds_)[i, j].astype(jnp.int32), branches, carry)
+            def run(masked):
+                return lambda: tile_fn(j, carry, masked)
+
+            if fold is None:
+                empty = lambda: carry
+            else:
+                shapes = jax.eval_shape(run(False))
+                empty = lambda: jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+            kind = jnp.asarray(kinds_)[i, j].astype(jnp.int32)
+            result = lax.switch(kind, [empty, run(True), run(False)])  # EMPTY, PARTIAL, FULL
+            return result if fold is None else fold(j, carry, result)
 
         return lax.fori_loop(jnp.asarray(lo_)[i], jnp.asarray(hi_)[i], step, carry)
 
@@ -323,8 +334,8 @@ def run(call: AttentionCall, platform: str):
         def q_block(carry, xs):
             i, q_t, do_t, lse_t, delta_t = xs
 
-            def tile(j, inner, masked):
-                d_q, d_k, d_v, d_bias, d_sm = inner
+            def tile(j, _, masked):
+                """This tile's contributions to (dQ_i, dK_j, dV_j, dbias_ij, dscore_mod)."""
                 q_idx, kv_idx, bias_t, dm_t, keep = tile_inputs(i, j, q_t, bias, dense_mask, rng)
                 scores_fn = lambda q_, k_, b_, sm_: tile_scores(q_, k_, b_, sm_, q_idx, kv_idx)
                 s_, scores_vjp = jax.vjp(scores_fn, q_t, k_tiles[j], bias_t, sm_leaves)
@@ -335,17 +346,22 @@ def run(call: AttentionCall, platform: str):
                     s_, allowed, keep, v_tiles[j], do_t, lse_t, delta_t
                 )
                 dq_t, dk_t, dbias_t, dsm_t = scores_vjp(ds)
-                d_q = d_q + dq_t
+                return dq_t, dk_t, dv_heads.sum(axis=2), dbias_t, dsm_t
+
+            def fold(j, acc, contributions):
+                d_q, d_k, d_v, d_bias, d_sm = acc
+                dq_t, dk_t, dv_t, dbias_t, dsm_t = contributions
+                d_q = d_q + dq_t.astype(acc_dtype)
                 d_k = _add_at(d_k, j, dk_t)
-                d_v = _add_at(d_v, j, dv_heads.sum(axis=2))
+                d_v = _add_at(d_v, j, dv_t)
                 if d_bias is not None:
                     d_bias = _add_tile(d_bias, dbias_t, i, j, bq, bk)
-                d_sm = [a + b for a, b in zip(d_sm, dsm_t)]
+                d_sm = [a + b.astype(acc_dtype) for a, b in zip(d_sm, dsm_t)]
                 return d_q, d_k, d_v, d_bias, d_sm
 
             d_k, d_v, d_bias, d_sm = carry
             d_q = jnp.zeros(q_t.shape, acc_dtype)
-            d_q, d_k, d_v, d_bias, d_sm = visit(i, kinds_, lo_, hi_, (d_q, d_k, d_v, d_bias, d_sm), tile)
+            d_q, d_k, d_v, d_bias, d_sm = visit(i, kinds_, lo_, hi_, (d_q, d_k, d_v, d_bias, d_sm), tile, fold)
             return (d_k, d_v, d_bias, d_sm), d_q
 
         xs = (jnp.arange(nq, dtype=jnp.int32), q_tiles, d_out, lse_safe, delta)
