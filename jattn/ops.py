@@ -182,16 +182,31 @@ def attention_weights(
         raise ValueError(f"attention_weights: scores must be [T, S]; got {scores.shape}")
     scores = scores.astype(_compute_dtype(scores))
     mask = evaluate_mask(mask, scores.shape, q_idx, kv_idx)
-    if mask is not None:
-        scores = jnp.where(mask, scores, MASKED_SCORE)
-    # softmax is invariant to the shift, so the max needs no gradient.
-    row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-    unnormalized = jnp.exp(scores - row_max)
-    if mask is not None:
-        # Exactly zero for masked keys, also in a fully masked row where exp(0) = 1.
-        unnormalized = jnp.where(mask, unnormalized, 0.0)
+    if mask is None:
+        return jax.nn.softmax(scores, axis=-1)
+    return _masked_softmax(scores, mask)
+
+
+@jax.custom_jvp
+def _masked_softmax(scores: Array, mask: Array) -> Array:
+    """Row softmax over the allowed entries; all-zero rows where nothing is allowed."""
+    scores = jnp.where(mask, scores, MASKED_SCORE)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    # Exactly zero for masked keys, also in a fully masked row where exp(0) = 1.
+    unnormalized = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
     total = jnp.sum(unnormalized, axis=-1, keepdims=True)
     return unnormalized / jnp.where(total == 0.0, 1.0, total)
+
+
+@_masked_softmax.defjvp
+def _masked_softmax_jvp(primals, tangents):
+    # d softmax = w ∘ (ds - Σ w·ds): one fused pass in the backward instead of
+    # differentiating through the max, exp, sum and division.  Masked entries have
+    # w = 0; their tangent is zeroed too so an inf or NaN there cannot leak in.
+    scores, mask = primals
+    d_scores = jnp.where(mask, tangents[0], 0.0)
+    weights = _masked_softmax(scores, mask)
+    return weights, weights * (d_scores - jnp.sum(weights * d_scores, axis=-1, keepdims=True))
 
 
 def log_normalizer(scores: Array, mask: Array | MaskModFn | None = None) -> Array:

@@ -66,25 +66,31 @@ def _head_scores(q, k, bias, head, q_idx, kv_idx, score_mod, *, scale):
     )
 
 
-def _head_allowed(dense_mask, q_idx, kv_idx, mask, *, num_kv):
-    """Which entries of the tile may be attended (keys past S are padding)."""
-    allowed = kv_idx[None, :] < num_kv
-    if mask is not None:
-        allowed = allowed & mask(q_idx[:, None], kv_idx[None, :])
-    if dense_mask is not None:
-        allowed = allowed & dense_mask
-    return jnp.broadcast_to(allowed, (q_idx.shape[0], kv_idx.shape[0]))
+def _head_tile_masks(dense_mask, head, batch_index, mask, rng, q_idx, kv_idx, *, masked, rate, num_kv):
+    """For one head and tile: which entries may be attended (None on a FULL tile; keys
+    past S are padding) and which survive dropout (None without dropout: the dense
+    backend's pattern, regenerated from the key and the global indices)."""
+    allowed = keep = None
+    if masked:
+        allowed = kv_idx[None, :] < num_kv
+        if mask is not None:
+            allowed = allowed & mask(q_idx[:, None], kv_idx[None, :])
+        if dense_mask is not None:
+            allowed = allowed & dense_mask
+        allowed = jnp.broadcast_to(allowed, (q_idx.shape[0], kv_idx.shape[0]))
+    if rate > 0.0:
+        key = head_dropout_key(rng, batch_index, head)
+        keep = ops.dropout_keep_mask(key, rate, q_idx[:, None], kv_idx[None, :])
+    return allowed, keep
 
 
-def _head_keep(rng, batch_index, head, q_idx, kv_idx, *, rate):
-    """Dropout keep-mask of one tile: the dense backend's pattern, regenerated here."""
-    key = head_dropout_key(rng, batch_index, head)
-    return ops.dropout_keep_mask(key, rate, q_idx[:, None], kv_idx[None, :])
-
-
-def _head_forward_update(s, allowed, keep, v, m, l, acc, *, rate):
-    """One online-softmax step for one head: fold tile scores s [bq, bk] and values
-    v [bk, Hv] into the running (m [bq], l [bq], acc [bq, Hv])."""
+def _head_forward_tile(q, k, v, bias, dense_mask, head, batch_index, mask, score_mod, rng,
+                       q_idx, kv_idx, m, l, acc, *, masked, rate, scale, num_kv):
+    """One online-softmax step for one head: fold the tile of q [bq, H] against
+    k [bk, H], v [bk, Hv] into the running (m [bq], l [bq], acc [bq, Hv])."""
+    s = _head_scores(q, k, bias, head, q_idx, kv_idx, score_mod, scale=scale)
+    allowed, keep = _head_tile_masks(dense_mask, head, batch_index, mask, rng, q_idx, kv_idx,
+                                     masked=masked, rate=rate, num_kv=num_kv)
     if allowed is not None:
         s = jnp.where(allowed, s, ops.MASKED_SCORE)
     m_new = jnp.maximum(m, s.max(axis=-1))
@@ -99,10 +105,14 @@ def _head_forward_update(s, allowed, keep, v, m, l, acc, *, rate):
     return m_new, l_new, acc * correction[:, None] + pv
 
 
-def _head_backward_tile(s, allowed, keep, v, do, lse, delta, *, rate):
-    """Gradient pieces of one tile for one head: returns (dS [bq, bk], dV [bk, Hv]).
+def _head_backward_tile(s, v, do, lse, delta, dense_mask, head, batch_index, mask, rng,
+                        q_idx, kv_idx, *, masked, rate, num_kv):
+    """Gradient pieces of one tile for one head, from its scores s [bq, bk]:
+    returns (dS [bq, bk], dV [bk, Hv]).
 
     lse is +inf for fully masked rows, so their p = e^(s - lse) is exactly 0."""
+    allowed, keep = _head_tile_masks(dense_mask, head, batch_index, mask, rng, q_idx, kv_idx,
+                                     masked=masked, rate=rate, num_kv=num_kv)
     p = jnp.exp(s - lse[:, None])
     if allowed is not None:
         p = jnp.where(allowed, p, 0.0)
@@ -217,6 +227,9 @@ def run(call: AttentionCall, platform: str):
     if score_mod is not None:
         score_mod, score_mod_axes = score_mod.batch_in_axes(B, T, S)
 
+    mask = H.batch_leaves_sharded_like(mask, mask_axes, g["q"])
+    score_mod = H.batch_leaves_sharded_like(score_mod, score_mod_axes, g["q"])
+
     q = jnp.pad(g["q"], [(0, 0)] * 3 + [(0, Tp - T), (0, 0)])
     k = jnp.pad(g["k"], [(0, 0)] * 2 + [(0, Sp - S), (0, 0)])
     v = jnp.pad(g["v"], [(0, 0)] * 2 + [(0, Sp - S), (0, 0)])
@@ -232,33 +245,23 @@ def run(call: AttentionCall, platform: str):
     sm_leaves, rebuild_score_mod = _split_differentiable(score_mod)
     sizes = H.head_sizes(call)
     rate = call.dropout_rate
-    mask_in = (mask_axes, None, None)
+    Q, KV, SHARED = H.PER_QUERY_HEAD, H.PER_KV_HEAD, H.SHARED
+    # in_axes of the per-tile inputs every one-head tile function receives, in order:
+    # dense_mask, head, batch_index, mask, (score_mod,) rng, q_idx, kv_idx.
+    context_axes = (g["dense_mask_axes"], H.HEAD_ID, H.PER_EXAMPLE, (mask_axes, None, None))
+    index_axes = (SHARED, SHARED, SHARED)
+
+    def tile_context(i, j, dense_mask, rng):
+        q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)
+        kv_idx = j * bk + jnp.arange(bk, dtype=jnp.int32)
+        dm_t = _tile_of(dense_mask, i, j, bq, bk)
+        return (dm_t, g["head"], g["batch_index"], mask), (rng, q_idx, kv_idx)
 
     def tile_scores(q_t, k_t, bias_t, sm_leaves, q_idx, kv_idx):
         fn = functools.partial(_head_scores, scale=call.scale)
         return H.vmap_heads(
-            fn, H.PER_QUERY_HEAD, H.PER_KV_HEAD, g["bias_axes"], H.HEAD_ID, H.SHARED, H.SHARED,
-            (score_mod_axes, None, None), sizes=sizes,
+            fn, Q, KV, g["bias_axes"], H.HEAD_ID, SHARED, SHARED, (score_mod_axes, None, None), sizes=sizes,
         )(q_t, k_t, bias_t, g["head"], q_idx, kv_idx, rebuild_score_mod(sm_leaves))
-
-    def tile_allowed(dense_mask_t, q_idx, kv_idx):
-        fn = functools.partial(_head_allowed, num_kv=S)
-        return H.vmap_heads(fn, g["dense_mask_axes"], H.SHARED, H.SHARED, mask_in, sizes=sizes)(
-            dense_mask_t, q_idx, kv_idx, mask
-        )
-
-    def tile_keep(rng, q_idx, kv_idx):
-        fn = functools.partial(_head_keep, rate=rate)
-        batch_index = jnp.arange(B, dtype=jnp.int32)
-        return H.vmap_heads(fn, H.SHARED, H.PER_EXAMPLE, H.HEAD_ID, H.SHARED, H.SHARED, sizes=sizes)(
-            rng, batch_index, g["head"], q_idx, kv_idx
-        )
-
-    def tile_inputs(i, j, q_t, bias, dense_mask, rng):
-        q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)
-        kv_idx = j * bk + jnp.arange(bk, dtype=jnp.int32)
-        keep = tile_keep(rng, q_idx, kv_idx) if rate > 0.0 else None
-        return q_idx, kv_idx, _tile_of(bias, i, j, bq, bk), _tile_of(dense_mask, i, j, bq, bk), keep
 
     def visit(i, kinds_, lo_, hi_, carry, tile_fn, fold=None):
         """Walk the kv tiles [lo[i], hi[i]) of q tile i, dispatching on each tile's kind.
@@ -277,7 +280,9 @@ def run(call: AttentionCall, platform: str):
                 empty = lambda: carry
             else:
                 shapes = jax.eval_shape(run(False))
-                empty = lambda: jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+                empty = lambda: jax.tree_util.tree_map(
+                    lambda x: jnp.zeros(x.shape, x.dtype, out_sharding=getattr(x, "sharding", None)), shapes
+                )
             kind = jnp.asarray(kinds_)[i, j].astype(jnp.int32)
             result = lax.switch(kind, [empty, run(True), run(False)])  # EMPTY, PARTIAL, FULL
             return result if fold is None else fold(j, carry, result)
@@ -289,19 +294,18 @@ def run(call: AttentionCall, platform: str):
 
         def q_block(_, xs):
             i, q_t = xs
-            init = (
-                jnp.full((B, K, G, bq), ops.MASKED_SCORE, acc_dtype),
-                jnp.zeros((B, K, G, bq), acc_dtype),
-                jnp.zeros((B, K, G, bq, v_tiles.shape[-1]), acc_dtype),
-            )
+            # Built from q_t so that they share its sharding (see heads.group_heads).
+            rows = jnp.zeros_like(q_t[..., 0], acc_dtype)
+            init = (rows + ops.MASKED_SCORE, rows, rows[..., None] + jnp.zeros(v_tiles.shape[-1], acc_dtype))
 
             def tile(j, carry, masked):
-                q_idx, kv_idx, bias_t, dm_t, keep = tile_inputs(i, j, q_t, bias, dense_mask, rng)
-                s_ = tile_scores(q_t, k_tiles[j], bias_t, sm_leaves, q_idx, kv_idx)
-                allowed = tile_allowed(dm_t, q_idx, kv_idx) if masked else None
-                update = functools.partial(_head_forward_update, rate=rate)
-                Q, KV = H.PER_QUERY_HEAD, H.PER_KV_HEAD
-                return H.vmap_heads(update, Q, Q, Q, KV, Q, Q, Q, sizes=sizes)(s_, allowed, keep, v_tiles[j], *carry)
+                (dm_t, head, b_idx, mask_), (rng_, q_idx, kv_idx) = tile_context(i, j, dense_mask, rng)
+                fn = functools.partial(_head_forward_tile, masked=masked, rate=rate, scale=call.scale, num_kv=S)
+                sm_axes = (score_mod_axes, None, None)
+                return H.vmap_heads(
+                    fn, Q, KV, KV, g["bias_axes"], *context_axes, sm_axes, *index_axes, Q, Q, Q, sizes=sizes,
+                )(q_t, k_tiles[j], v_tiles[j], _tile_of(bias, i, j, bq, bk), dm_t, head, b_idx, mask_,
+                  rebuild_score_mod(sm_leaves), rng_, q_idx, kv_idx, *carry)
 
             m, l, acc = visit(i, kinds_, lo_, hi_, init, tile)
             out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
@@ -326,25 +330,24 @@ def run(call: AttentionCall, platform: str):
         acc_dtype = jnp.promote_types(q_tiles.dtype, jnp.float32)
         delta = jnp.sum(d_out.astype(acc_dtype) * out.astype(acc_dtype), axis=-1)
         lse_safe = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
-        d_k0 = jnp.zeros(k_tiles.shape, acc_dtype)
-        d_v0 = jnp.zeros(v_tiles.shape, acc_dtype)
-        d_bias0 = None if bias is None else jnp.zeros(bias.shape, acc_dtype)
-        d_sm0 = [jnp.zeros(x.shape, acc_dtype) for x in sm_leaves]
+        d_k0 = jnp.zeros_like(k_tiles, acc_dtype)
+        d_v0 = jnp.zeros_like(v_tiles, acc_dtype)
+        d_bias0 = None if bias is None else jnp.zeros_like(bias, acc_dtype)
+        d_sm0 = [jnp.zeros_like(x, acc_dtype) for x in sm_leaves]
 
         def q_block(carry, xs):
             i, q_t, do_t, lse_t, delta_t = xs
 
             def tile(j, _, masked):
                 """This tile's contributions to (dQ_i, dK_j, dV_j, dbias_ij, dscore_mod)."""
-                q_idx, kv_idx, bias_t, dm_t, keep = tile_inputs(i, j, q_t, bias, dense_mask, rng)
+                context, (rng_, q_idx, kv_idx) = tile_context(i, j, dense_mask, rng)
                 scores_fn = lambda q_, k_, b_, sm_: tile_scores(q_, k_, b_, sm_, q_idx, kv_idx)
+                bias_t = _tile_of(bias, i, j, bq, bk)
                 s_, scores_vjp = jax.vjp(scores_fn, q_t, k_tiles[j], bias_t, sm_leaves)
-                allowed = tile_allowed(dm_t, q_idx, kv_idx) if masked else None
-                grad = functools.partial(_head_backward_tile, rate=rate)
-                Q, KV = H.PER_QUERY_HEAD, H.PER_KV_HEAD
-                ds, dv_heads = H.vmap_heads(grad, Q, Q, Q, KV, Q, Q, Q, sizes=sizes)(
-                    s_, allowed, keep, v_tiles[j], do_t, lse_t, delta_t
-                )
+                grad = functools.partial(_head_backward_tile, masked=masked, rate=rate, num_kv=S)
+                ds, dv_heads = H.vmap_heads(
+                    grad, Q, KV, Q, Q, Q, *context_axes, *index_axes, sizes=sizes,
+                )(s_, v_tiles[j], do_t, lse_t, delta_t, *context, rng_, q_idx, kv_idx)
                 dq_t, dk_t, dbias_t, dsm_t = scores_vjp(ds)
                 return dq_t, dk_t, dv_heads.sum(axis=2), dbias_t, dsm_t
 
@@ -360,7 +363,7 @@ def run(call: AttentionCall, platform: str):
                 return d_q, d_k, d_v, d_bias, d_sm
 
             d_k, d_v, d_bias, d_sm = carry
-            d_q = jnp.zeros(q_t.shape, acc_dtype)
+            d_q = jnp.zeros_like(q_t, acc_dtype)
             d_q, d_k, d_v, d_bias, d_sm = visit(i, kinds_, lo_, hi_, (d_q, d_k, d_v, d_bias, d_sm), tile, fold)
             return (d_k, d_v, d_bias, d_sm), d_q
 

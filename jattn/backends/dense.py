@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn import ops
-from jattn.backends import heads as heads_lib
+from jattn.backends import heads as H
 from jattn.call import AttentionCall
 
 NAME = "dense"
@@ -46,30 +46,30 @@ def _one_head(q, k, v, bias, dense_mask, head, batch_index, mask, score_mod, *, 
 def run(call: AttentionCall, platform: str):
     """``(out [B, T, N, Hv], weights [B, N, T, S] | None, lse [B, T, N] | None)``."""
     s = call.shape
-    g = heads_lib.group_heads(call)
+    g = H.group_heads(call)
     mask, mask_axes = (None, None)
     if (m := call.index_mask()) is not None:
         mask, mask_axes = m.batch_in_axes(s["B"], s["T"], s["S"])
     score_mod, score_mod_axes = (None, None)
     if (sm := call.index_score_mod()) is not None:
         score_mod, score_mod_axes = sm.batch_in_axes(s["B"], s["T"], s["S"])
+    mask = H.batch_leaves_sharded_like(mask, mask_axes, g["q"])
+    score_mod = H.batch_leaves_sharded_like(score_mod, score_mod_axes, g["q"])
 
     def one_head(*args):
         return _one_head(*args, call=call)
 
-    H = heads_lib
     over_heads = H.vmap_heads(
         one_head,
         H.PER_QUERY_HEAD, H.PER_KV_HEAD, H.PER_KV_HEAD, g["bias_axes"], g["dense_mask_axes"],
         H.HEAD_ID, H.PER_EXAMPLE, (mask_axes, None, None), (score_mod_axes, None, None),
         sizes=H.head_sizes(call),
     )
-    batch_index = jnp.arange(s["B"], dtype=jnp.int32)
     out, weights, lse = over_heads(
-        g["q"], g["k"], g["v"], g["bias"], g["dense_mask"], g["head"], batch_index, mask, score_mod
+        g["q"], g["k"], g["v"], g["bias"], g["dense_mask"], g["head"], g["batch_index"], mask, score_mod
     )
-    out = heads_lib.ungroup_output(out)
-    weights = heads_lib.ungroup_rows(weights) if call.return_weights else None
+    out = H.ungroup_output(out)
+    weights = H.ungroup_rows(weights) if call.return_weights else None
     if lse is not None:
-        lse = heads_lib.ungroup_rows(lse).transpose(0, 2, 1)
+        lse = H.ungroup_rows(lse).transpose(0, 2, 1)
     return out, weights, lse

@@ -31,27 +31,59 @@ def squeeze_broadcast_axes(x: Array | None, sizes: tuple[int, ...]):
     return jnp.squeeze(x, axis=squeeze) if squeeze else x, axes
 
 
+def sharded_like(x: Array, ref: Array, ref_axes: tuple[int, ...]) -> Array:
+    """``x`` laid out like axes ``ref_axes`` of ``ref`` under an explicit-axis mesh.
+
+    vmap requires every input mapped along one axis to be sharded alike, so index
+    arrays mapped next to q (head ids, batch indices) must follow q's sharding.
+    Without explicit sharding this returns ``x`` unchanged.
+    """
+    spec = getattr(getattr(jax.typeof(ref), "sharding", None), "spec", None)
+    if spec is None or x is None:
+        return x
+    wanted = tuple(spec[a] if a is not None and a < len(spec) else None for a in ref_axes)
+    if all(w is None for w in wanted):
+        return x
+    wanted += (None,) * (x.ndim - len(wanted))
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*wanted))
+
+
+def batch_leaves_sharded_like(tree, in_axes, ref: Array):
+    """The leaves of a mask / score-mod pytree that vmap slices along the batch
+    (in_axes 0), laid out like the batch axis of ``ref`` (see `sharded_like`)."""
+    if tree is None:
+        return None
+    return jax.tree_util.tree_map(
+        lambda leaf, axis: sharded_like(leaf, ref, (0,)) if axis == 0 else leaf,
+        tree, in_axes, is_leaf=lambda x: x is None,
+    )
+
+
 def group_heads(call: AttentionCall):
     """Inputs arranged for vmaps over (batch, kv head, group).
 
     Returns a dict with ``q [B, K, G, T, H]``, ``k [B, K, S, H]``, ``v [B, K, S, Hv]``,
-    ``head [K, G]`` (query-head ids), and ``bias`` / ``dense_mask`` squeezed to
+    ``head [K, G]`` (query-head ids), ``batch_index [B]``, and ``bias`` / ``dense_mask`` squeezed to
     their non-broadcast axes of (B, K, G) with the matching in_axes per level.
     """
     s = call.shape
     B, K, G = s["B"], s["K"], s["N"] // s["K"]
+    q = call.query.reshape(B, s["T"], K, G, s["H"]).transpose(0, 2, 3, 1, 4)
     grouped = dict(
-        q=call.query.reshape(B, s["T"], K, G, s["H"]).transpose(0, 2, 3, 1, 4),
+        q=q,
         k=call.key.transpose(0, 2, 1, 3),
         v=call.value.transpose(0, 2, 1, 3),
-        head=jnp.arange(s["N"], dtype=jnp.int32).reshape(K, G),
+        head=sharded_like(jnp.arange(s["N"], dtype=jnp.int32).reshape(K, G), q, (1, 2)),
+        batch_index=sharded_like(jnp.arange(B, dtype=jnp.int32), q, (0,)),
     )
     for name in ("bias", "dense_mask"):
         x = getattr(call, name)
         if x is not None:
             Bx, Nx, Tx, Sx = x.shape
             x = x.reshape(Bx, K, G, Tx, Sx) if Nx != 1 else x.reshape(Bx, 1, 1, Tx, Sx)
-        grouped[name], grouped[name + "_axes"] = squeeze_broadcast_axes(x, (B, K, G))
+        x, axes = squeeze_broadcast_axes(x, (B, K, G))
+        grouped[name] = sharded_like(x, q, tuple(level for level, a in enumerate(axes) if a == 0))
+        grouped[name + "_axes"] = axes
     return grouped
 
 
