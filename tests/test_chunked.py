@@ -164,11 +164,13 @@ def test_tile_table_for_causal():
                                return_residual=False, query_segment_ids=None, key_value_segment_ids=None,
                                query_offset=0, logits_soft_cap=None, score_mod=None, dropout_rate=0.0,
                                dropout_rng=None, return_weights=False, block_sizes=(16, 16))
-    kinds, lo, hi = chunked._block_table(call, call.index_mask(), None, None, 4, 4, 16, 16)
+    kinds = chunked._block_table(call, call.index_mask(), None, None, 4, 4, 16, 16)
     assert isinstance(kinds, np.ndarray)  # static: no runtime bookkeeping
-    np.testing.assert_array_equal(lo, [0, 0, 0, 0])
-    np.testing.assert_array_equal(hi, [1, 2, 3, 4])
-    np.testing.assert_array_equal(np.diag(kinds), [masks.PARTIAL] * 4)
+    np.testing.assert_array_equal(kinds, np.tril(np.full((4, 4), masks.FULL)) - np.eye(4, dtype=int))
+    (full, full_kind), (partial, partial_kind) = chunked._schedule(kinds)
+    assert (full_kind, partial_kind) == (masks.FULL, masks.PARTIAL)
+    np.testing.assert_array_equal(full, [[1, 0], [2, 0], [2, 1], [3, 0], [3, 1], [3, 2]])
+    np.testing.assert_array_equal(partial, [[0, 0], [1, 1], [2, 2], [3, 3]])
 
 
 def _largest_intermediate(fn, *args):

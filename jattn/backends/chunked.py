@@ -13,11 +13,13 @@ probabilities are recomputed as ``p = e^(s - lse)``, then
 ``(dQ, dK, dbias, dscore_mod) = vjp(scores)(dS)``.
 
 Tiles are classified once from the mask (`jattn.masks.Mask.block_kinds`): EMPTY tiles
-are never visited (the key loop of each query block runs from its first to its last
-non-empty tile, and skips empty ones in between), FULL tiles skip mask evaluation,
-PARTIAL tiles evaluate it.  The math per tile is written for ONE head (the functions
-prefixed ``_head_``) and vmapped over GQA groups, kv heads and the batch; the loops
-over tiles run outside the vmap so that skipping is real control flow.
+are never visited, FULL tiles skip mask evaluation, PARTIAL tiles evaluate it.  When
+the classification is known at trace time (causal, windows, int lengths) the schedule
+is two fixed lists of (q tile, kv tile) pairs, scanned with no conditional and no
+data-dependent trip count; otherwise every pair is visited and a switch skips the
+empty ones.  The math per tile is written for ONE head (the functions prefixed
+``_head_``) and vmapped over GQA groups, kv heads and the batch; the scans over
+tiles run outside the vmap so that skipping is real control flow.
 
 Dropout draws each weight's fate from ``jattn.ops.dropout_keep_mask`` at the weight's
 global (row, column): the same pattern as the dense backend, tile by tile.
@@ -128,12 +130,11 @@ def _head_backward_tile(s, v, do, lse, delta, dense_mask, head, batch_index, mas
 
 # ------------------------------------------------------------------------ tile tables
 def _block_table(call, mask, mask_axes, dense_mask, num_q_blocks, num_kv_blocks, bq, bk):
-    """EMPTY / PARTIAL / FULL code per (q block, kv block) for the whole batch, and for
-    each q block the range [lo, hi) of kv blocks that are not all EMPTY.
+    """EMPTY / PARTIAL / FULL code per (q block, kv block), for the whole batch.
 
-    NumPy (static: loop bounds and branches are constants) when the mask structure is
-    known at trace time; jnp otherwise, reduced over the batch (a tile is skipped only
-    if it is empty for every example)."""
+    NumPy (static: the schedule is fixed when the program is traced) when the mask
+    structure is known at trace time; jnp otherwise, reduced over the batch (a tile
+    is skipped only if it is empty for every example)."""
     s = call.shape
     kinds = np.full((num_q_blocks, num_kv_blocks), masks_lib.FULL, np.int8)
     if mask is not None:
@@ -160,13 +161,7 @@ def _block_table(call, mask, mask_axes, dense_mask, num_q_blocks, num_kv_blocks,
         xp = np if isinstance(kinds, np.ndarray) else jnp
         last = xp.minimum(kinds[:, -1:], masks_lib.PARTIAL)
         kinds = xp.concatenate([kinds[:, :-1], last], axis=1)
-    xp = np if isinstance(kinds, np.ndarray) else jnp
-    kinds = kinds.astype(xp.int8)
-    nonempty = kinds != masks_lib.EMPTY
-    any_ = nonempty.any(axis=1)
-    lo = xp.where(any_, xp.argmax(nonempty, axis=1), 0).astype(xp.int32)
-    hi = xp.where(any_, num_kv_blocks - xp.argmax(nonempty[:, ::-1], axis=1), 0).astype(xp.int32)
-    return kinds, lo, hi
+    return kinds.astype(np.int8) if isinstance(kinds, np.ndarray) else kinds.astype(jnp.int8)
 
 
 def _tile_of(x, i, j, bq, bk):
@@ -235,7 +230,7 @@ def run(call: AttentionCall, platform: str):
     v = jnp.pad(g["v"], [(0, 0)] * 2 + [(0, Sp - S), (0, 0)])
     bias = _pad_last2(g["bias"], Tp, Sp, 0.0)
     dense_mask = _pad_last2(g["dense_mask"], Tp, Sp, False)
-    kinds, lo, hi = _block_table(call, mask, mask_axes, dense_mask, nq, nk, bq, bk)
+    kinds = _block_table(call, mask, mask_axes, dense_mask, nq, nk, bq, bk)
 
     # Tile-major layouts so the loops index the leading axis.
     q_tiles = q.reshape(B, K, G, nq, bq, -1).transpose(3, 0, 1, 2, 4, 5)
@@ -263,120 +258,121 @@ def run(call: AttentionCall, platform: str):
             fn, Q, KV, g["bias_axes"], H.HEAD_ID, SHARED, SHARED, (score_mod_axes, None, None), sizes=sizes,
         )(q_t, k_t, bias_t, g["head"], q_idx, kv_idx, rebuild_score_mod(sm_leaves))
 
-    def visit(i, kinds_, lo_, hi_, carry, tile_fn, fold=None):
-        """Walk the kv tiles [lo[i], hi[i]) of q tile i, dispatching on each tile's kind.
+    def run_tiles(carry, tile_fn, fold, empty_fn, kinds_):
+        """Apply every tile the schedule lists: for each pair (i, j),
+        ``carry = fold(i, j, carry, tile_fn(i, j, carry, masked))``.
 
-        ``tile_fn(j, carry, masked)`` computes a tile.  Without ``fold`` it returns the
-        new (small) carry.  With ``fold`` it returns only the tile's contributions,
-        and ``fold(j, carry, contributions)`` adds them in: large accumulators then
-        never pass through the switch, which would copy them on every tile.
+        ``tile_fn`` returns a small per-tile result (a q tile's softmax state, or a
+        tile's gradient contributions) and ``fold`` writes it into the large carry,
+        so the carry never passes through a conditional (which would copy it).  With
+        a static schedule the pairs come in fixed-length groups of one kind, so
+        there is no conditional and no data-dependent trip count at all (on GPU
+        both cost a device-to-host round trip per tile).  With a dynamic one every
+        pair is visited and a switch on its run-time kind skips EMPTY tiles.
         """
+        for pairs, kind in _schedule(kinds_):
+            def step(carry, pair, kind=kind):
+                i, j = pair[0], pair[1]
+                if kind is None:
+                    branches = [  # EMPTY, PARTIAL, FULL
+                        lambda: empty_fn(i, j, carry),
+                        lambda: tile_fn(i, j, carry, True),
+                        lambda: tile_fn(i, j, carry, False),
+                    ]
+                    result = lax.switch(jnp.asarray(kinds_)[i, j].astype(jnp.int32), branches)
+                else:
+                    result = tile_fn(i, j, carry, kind == masks_lib.PARTIAL)
+                return fold(i, j, carry, result), None
 
-        def step(j, carry):
-            def run(masked):
-                return lambda: tile_fn(j, carry, masked)
+            carry, _ = lax.scan(step, carry, pairs)
+        return carry
 
-            if fold is None:
-                empty = lambda: carry
-            else:
-                shapes = jax.eval_shape(run(False))
-                empty = lambda: jax.tree_util.tree_map(
-                    lambda x: jnp.zeros(x.shape, x.dtype, out_sharding=getattr(x, "sharding", None)), shapes
-                )
-            kind = jnp.asarray(kinds_)[i, j].astype(jnp.int32)
-            result = lax.switch(kind, [empty, run(True), run(False)])  # EMPTY, PARTIAL, FULL
-            return result if fold is None else fold(j, carry, result)
-
-        return lax.fori_loop(jnp.asarray(lo_)[i], jnp.asarray(hi_)[i], step, carry)
-
-    def forward(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_, lo_, hi_):
+    def forward(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_):
         acc_dtype = jnp.promote_types(v_tiles.dtype, jnp.float32)
+        # Online-softmax state of every q tile; built from q so it shares q's sharding.
+        rows = jnp.zeros_like(q_tiles[..., 0], acc_dtype)
+        state = (rows + ops.MASKED_SCORE, rows, rows[..., None] + jnp.zeros(v_tiles.shape[-1], acc_dtype))
 
-        def q_block(_, xs):
-            i, q_t = xs
-            # Built from q_t so that they share its sharding (see heads.group_heads).
-            rows = jnp.zeros_like(q_t[..., 0], acc_dtype)
-            init = (rows + ops.MASKED_SCORE, rows, rows[..., None] + jnp.zeros(v_tiles.shape[-1], acc_dtype))
+        def tile(i, j, state, masked):
+            (dm_t, head, b_idx, mask_), (rng_, q_idx, kv_idx) = tile_context(i, j, dense_mask, rng)
+            fn = functools.partial(_head_forward_tile, masked=masked, rate=rate, scale=call.scale, num_kv=S)
+            sm_axes = (score_mod_axes, None, None)
+            return H.vmap_heads(
+                fn, Q, KV, KV, g["bias_axes"], *context_axes, sm_axes, *index_axes, Q, Q, Q, sizes=sizes,
+            )(q_tiles[i], k_tiles[j], v_tiles[j], _tile_of(bias, i, j, bq, bk), dm_t, head, b_idx, mask_,
+              rebuild_score_mod(sm_leaves), rng_, q_idx, kv_idx, *(x[i] for x in state))
 
-            def tile(j, carry, masked):
-                (dm_t, head, b_idx, mask_), (rng_, q_idx, kv_idx) = tile_context(i, j, dense_mask, rng)
-                fn = functools.partial(_head_forward_tile, masked=masked, rate=rate, scale=call.scale, num_kv=S)
-                sm_axes = (score_mod_axes, None, None)
-                return H.vmap_heads(
-                    fn, Q, KV, KV, g["bias_axes"], *context_axes, sm_axes, *index_axes, Q, Q, Q, sizes=sizes,
-                )(q_t, k_tiles[j], v_tiles[j], _tile_of(bias, i, j, bq, bk), dm_t, head, b_idx, mask_,
-                  rebuild_score_mod(sm_leaves), rng_, q_idx, kv_idx, *carry)
+        def fold(i, j, state, new):
+            return tuple(_set_at(x, i, n) for x, n in zip(state, new))
 
-            m, l, acc = visit(i, kinds_, lo_, hi_, init, tile)
-            out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
-            lse = jnp.where(l == 0.0, -jnp.inf, m + jnp.log(jnp.where(l == 0.0, 1.0, l)))
-            return None, (out.astype(v_tiles.dtype), lse)
+        def unchanged(i, j, state):
+            return tuple(x[i] for x in state)
 
-        _, (out, lse) = lax.scan(q_block, None, (jnp.arange(nq, dtype=jnp.int32), q_tiles))
-        return out, lse
+        m, l, acc = run_tiles(state, tile, fold, unchanged, kinds_)
+        out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
+        lse = jnp.where(l == 0.0, -jnp.inf, m + jnp.log(jnp.where(l == 0.0, 1.0, l)))
+        return out.astype(v_tiles.dtype), lse
 
     @jax.custom_vjp
-    def flash(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_, lo_, hi_):
-        return forward(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_, lo_, hi_)
+    def flash(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_):
+        return forward(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_)
 
-    def flash_fwd(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_, lo_, hi_):
-        out, lse = forward(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_, lo_, hi_)
-        residuals = (q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_, lo_, hi_, out, lse)
+    def flash_fwd(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_):
+        out, lse = forward(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_)
+        residuals = (q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_, out, lse)
         return (out, lse), residuals
 
     def flash_bwd(residuals, cotangents):
-        q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_, lo_, hi_, out, lse = residuals
+        q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_, out, lse = residuals
         d_out, _ = cotangents  # lse is returned without gradient (as jax.nn does)
         acc_dtype = jnp.promote_types(q_tiles.dtype, jnp.float32)
         delta = jnp.sum(d_out.astype(acc_dtype) * out.astype(acc_dtype), axis=-1)
         lse_safe = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
-        d_k0 = jnp.zeros_like(k_tiles, acc_dtype)
-        d_v0 = jnp.zeros_like(v_tiles, acc_dtype)
-        d_bias0 = None if bias is None else jnp.zeros_like(bias, acc_dtype)
-        d_sm0 = [jnp.zeros_like(x, acc_dtype) for x in sm_leaves]
+        grads = (
+            jnp.zeros_like(q_tiles, acc_dtype), jnp.zeros_like(k_tiles, acc_dtype),
+            jnp.zeros_like(v_tiles, acc_dtype), None if bias is None else jnp.zeros_like(bias, acc_dtype),
+            [jnp.zeros_like(x, acc_dtype) for x in sm_leaves],
+        )
 
-        def q_block(carry, xs):
-            i, q_t, do_t, lse_t, delta_t = xs
+        def tile(i, j, _, masked):
+            """This tile's contributions to (dQ_i, dK_j, dV_j, dbias_ij, dscore_mod)."""
+            context, (rng_, q_idx, kv_idx) = tile_context(i, j, dense_mask, rng)
+            scores_fn = lambda q_, k_, b_, sm_: tile_scores(q_, k_, b_, sm_, q_idx, kv_idx)
+            bias_t = _tile_of(bias, i, j, bq, bk)
+            s_, scores_vjp = jax.vjp(scores_fn, q_tiles[i], k_tiles[j], bias_t, sm_leaves)
+            grad = functools.partial(_head_backward_tile, masked=masked, rate=rate, num_kv=S)
+            ds, dv_heads = H.vmap_heads(
+                grad, Q, KV, Q, Q, Q, *context_axes, *index_axes, sizes=sizes,
+            )(s_, v_tiles[j], d_out[i], lse_safe[i], delta[i], *context, rng_, q_idx, kv_idx)
+            dq_t, dk_t, dbias_t, dsm_t = scores_vjp(ds)
+            return dq_t, dk_t, dv_heads.sum(axis=2), dbias_t, dsm_t
 
-            def tile(j, _, masked):
-                """This tile's contributions to (dQ_i, dK_j, dV_j, dbias_ij, dscore_mod)."""
-                context, (rng_, q_idx, kv_idx) = tile_context(i, j, dense_mask, rng)
-                scores_fn = lambda q_, k_, b_, sm_: tile_scores(q_, k_, b_, sm_, q_idx, kv_idx)
-                bias_t = _tile_of(bias, i, j, bq, bk)
-                s_, scores_vjp = jax.vjp(scores_fn, q_t, k_tiles[j], bias_t, sm_leaves)
-                grad = functools.partial(_head_backward_tile, masked=masked, rate=rate, num_kv=S)
-                ds, dv_heads = H.vmap_heads(
-                    grad, Q, KV, Q, Q, Q, *context_axes, *index_axes, sizes=sizes,
-                )(s_, v_tiles[j], do_t, lse_t, delta_t, *context, rng_, q_idx, kv_idx)
-                dq_t, dk_t, dbias_t, dsm_t = scores_vjp(ds)
-                return dq_t, dk_t, dv_heads.sum(axis=2), dbias_t, dsm_t
+        def fold(i, j, grads, contributions):
+            d_q, d_k, d_v, d_bias, d_sm = grads
+            dq_t, dk_t, dv_t, dbias_t, dsm_t = contributions
+            d_q = _add_at(d_q, i, dq_t)
+            d_k = _add_at(d_k, j, dk_t)
+            d_v = _add_at(d_v, j, dv_t)
+            if d_bias is not None:
+                d_bias = _add_tile(d_bias, dbias_t, i, j, bq, bk)
+            d_sm = [a + b.astype(acc_dtype) for a, b in zip(d_sm, dsm_t)]
+            return d_q, d_k, d_v, d_bias, d_sm
 
-            def fold(j, acc, contributions):
-                d_q, d_k, d_v, d_bias, d_sm = acc
-                dq_t, dk_t, dv_t, dbias_t, dsm_t = contributions
-                d_q = d_q + dq_t.astype(acc_dtype)
-                d_k = _add_at(d_k, j, dk_t)
-                d_v = _add_at(d_v, j, dv_t)
-                if d_bias is not None:
-                    d_bias = _add_tile(d_bias, dbias_t, i, j, bq, bk)
-                d_sm = [a + b.astype(acc_dtype) for a, b in zip(d_sm, dsm_t)]
-                return d_q, d_k, d_v, d_bias, d_sm
+        def nothing(i, j, grads):
+            shapes = jax.eval_shape(lambda: tile(i, j, grads, False))
+            return jax.tree_util.tree_map(
+                lambda x: jnp.zeros(x.shape, x.dtype, out_sharding=getattr(x, "sharding", None)), shapes
+            )
 
-            d_k, d_v, d_bias, d_sm = carry
-            d_q = jnp.zeros_like(q_t, acc_dtype)
-            d_q, d_k, d_v, d_bias, d_sm = visit(i, kinds_, lo_, hi_, (d_q, d_k, d_v, d_bias, d_sm), tile, fold)
-            return (d_k, d_v, d_bias, d_sm), d_q
-
-        xs = (jnp.arange(nq, dtype=jnp.int32), q_tiles, d_out, lse_safe, delta)
-        (d_k, d_v, d_bias, d_sm), d_q = lax.scan(q_block, (d_k0, d_v0, d_bias0, d_sm0), xs)
+        d_q, d_k, d_v, d_bias, d_sm = run_tiles(grads, tile, fold, nothing, kinds_)
         return (
             d_q.astype(q_tiles.dtype), d_k.astype(k_tiles.dtype), d_v.astype(v_tiles.dtype),
             None if bias is None else d_bias.astype(bias.dtype), None,
-            [d.astype(x.dtype) for d, x in zip(d_sm, sm_leaves)], None, None, None, None,
+            [d.astype(x.dtype) for d, x in zip(d_sm, sm_leaves)], None, None,
         )
 
     flash.defvjp(flash_fwd, flash_bwd)
-    out, lse = flash(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, call.dropout_rng, kinds, lo, hi)
+    out, lse = flash(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, call.dropout_rng, kinds)
 
     out = out.transpose(1, 2, 3, 0, 4, 5).reshape(B, K, G, Tp, -1)[:, :, :, :T]
     out = H.ungroup_output(out)
@@ -385,6 +381,28 @@ def run(call: AttentionCall, platform: str):
         lse = lse.transpose(1, 2, 3, 0, 4).reshape(B, K, G, Tp)[:, :, :, :T]
         lse_out = lax.stop_gradient(H.ungroup_rows(lse).transpose(0, 2, 1))
     return out, None, lse_out
+
+
+def _schedule(kinds):
+    """The tiles to visit, as ``[(pairs [P, 2] int32, kind)]``.
+
+    Static kinds (NumPy): the FULL pairs, then the PARTIAL ones, row-major; EMPTY
+    tiles are never listed.  Dynamic kinds (traced): every pair once, with kind None
+    (decided at run time).
+    """
+    if isinstance(kinds, np.ndarray):
+        groups = []
+        for kind in (masks_lib.FULL, masks_lib.PARTIAL):
+            pairs = np.argwhere(kinds == kind).astype(np.int32)
+            if len(pairs):
+                groups.append((pairs, kind))
+        return groups
+    return [(np.argwhere(np.ones(kinds.shape, bool)).astype(np.int32), None)]
+
+
+def _set_at(total, i, value):
+    """``total[i] = value`` as a dynamic-slice update (in place on a loop carry)."""
+    return lax.dynamic_update_index_in_dim(total, value.astype(total.dtype), i, 0)
 
 
 def _add_at(total, j, value):

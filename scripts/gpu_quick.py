@@ -1,0 +1,74 @@
+"""In-process GPU timings for a short device lease: chunked tile sizes and the rows
+the full benchmark could not fit.  ``python3 scripts/gpu_quick.py [budget_s]``.
+
+Each row: jit, one warm-up call (compile), then the median of 5 timed calls with
+block_until_ready.  FLOPs as in experiments/benchmark.py (forward 4·B·N·T·S·H,
+halved when causal; forward+backward 3.5x forward).  Rows print as they finish, so a
+stopped run still reports what it measured.
+"""
+
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+import jattn
+
+BUDGET_S = float(sys.argv[1]) if len(sys.argv) > 1 else 80.0
+START = time.perf_counter()
+B, N, H = 1, 16, 128
+
+
+def fn_for(impl, causal, blocks):
+    if impl == "jax.nn xla":
+        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+    if impl == "jax.nn cudnn":
+        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+    kw = {"implementation": None if impl == "jattn auto" else "chunked"}
+    if blocks:
+        kw["block_sizes"] = blocks
+    return lambda q, k, v: jattn.dot_product_attention(q, k, v, is_causal=causal, **kw)
+
+
+def time_case(T, causal, mode, impl, blocks=None):
+    ks = jax.random.split(jax.random.key(T), 3)
+    q, k, v = (jax.random.normal(kk, (B, T, N, H), jnp.bfloat16) for kk in ks)
+    f = fn_for(impl, causal, blocks)
+    if mode == "fwd":
+        run = jax.jit(f)
+    else:
+        run = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
+    jax.block_until_ready(run(q, k, v))
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(q, k, v))
+        times.append(time.perf_counter() - t0)
+    ms = statistics.median(times) * 1e3
+    flops = 4 * B * N * T * T * H / (2 if causal else 1) * (3.5 if mode == "fwd+bwd" else 1.0)
+    return ms, flops / (ms * 1e-3) / 1e12
+
+
+CASES = [
+    # The chunked backend after the accumulator fix, at its tile-size choices.
+    *[(16384, c, m, "jattn chunked", b) for m in ("fwd", "fwd+bwd") for c in (True, False)
+      for b in ((1024, 1024), (2048, 2048), (4096, 1024))],
+    # Rows the full benchmark's time budget cut: T=4096 causal forward+backward.
+    *[(4096, True, "fwd+bwd", impl, None) for impl in ("jax.nn xla", "jax.nn cudnn", "jattn auto", "jattn chunked")],
+    *[(16384, c, "fwd+bwd", "jax.nn xla", None) for c in (True, False)],
+]
+
+print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; B={B} N={N} H={H} bf16", flush=True)
+print("| T | mask | mode | implementation | tiles | ms | TFLOP/s |\n|---|---|---|---|---|---|---|", flush=True)
+for T, causal, mode, impl, blocks in CASES:
+    if time.perf_counter() - START > BUDGET_S:
+        print(f"| {T} | {'causal' if causal else 'none'} | {mode} | {impl} | {blocks or ''} | skipped (budget) | |", flush=True)
+        continue
+    try:
+        ms, tflops = time_case(T, causal, mode, impl, blocks)
+        row = f"{ms:.3g} | {tflops:.0f}"
+    except Exception as e:  # a failing case is a row, not a crash
+        row = f"error: {type(e).__name__}: {str(e)[:80]} |"
+    print(f"| {T} | {'causal' if causal else 'none'} | {mode} | {impl} | {blocks or 'default'} | {row} |", flush=True)
