@@ -13,7 +13,7 @@ pytestmark = pytest.mark.gpu
 CASES = {
     "plain": {},
     "causal": {"is_causal": True},
-    "lengths_with_empty_row": {"query_seq_lengths": jnp.array([200, 256], jnp.int32),
+    "lengths_with_empty_row": {"query_seq_lengths": jnp.array([256, 200], jnp.int32),
                                "key_value_seq_lengths": jnp.array([0, 130], jnp.int32)},
     "window_causal": {"is_causal": True, "local_window_size": (64, 0)},
     "bias": {"bias": "bias"},
