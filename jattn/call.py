@@ -124,8 +124,10 @@ def _int_per_example(name: str, x, B: int, unbatched: bool, extra: tuple[int, ..
         raise TypeError(f"{name}: expected an integer array; got dtype {x.dtype}")
     if unbatched and x.shape == extra:
         x = x[None]
+    if x.shape == (1, *extra):  # one row shared by the whole batch
+        x = jnp.broadcast_to(x, (B, *extra))
     if x.shape != (B, *extra):
-        want = f"{extra} (or {(1, *extra)})" if unbatched else f"{(B, *extra)}"
+        want = f"{extra} (or {(1, *extra)})" if unbatched else f"{(B, *extra)} (or {(1, *extra)})"
         raise ValueError(f"{name}: got shape {x.shape}; expected {want}")
     return x.astype(jnp.int32)
 
