@@ -7,8 +7,9 @@ The automatic policy (``implementation=None``), in order:
 
 1. ``return_weights`` needs the weights materialised: **dense**.
 2. On a GPU, when cuDNN's fused kernel supports the request: **cudnn**.
-3. Short sequences, ``T·S <= DENSE_MAX_SCORES[platform]``: **dense** (one fused
-   pass beats a loop over tiles there; measured in docs/benchmarks.md).
+3. Short sequences, ``T·S <= DENSE_MAX_SCORES[platform]`` and at most
+   ``DENSE_MAX_BYTES[platform]`` of scores in all: **dense** (one fused pass beats a
+   loop over tiles there; measured in docs/benchmarks.md).
 4. Otherwise: **chunked** (O(T) memory, skips tiles the mask empties).
 """
 
@@ -23,9 +24,13 @@ from jattn.call import AttentionCall
 
 BACKENDS = {dense.NAME: dense, chunked.NAME: chunked, cudnn.NAME: cudnn}
 
-# Largest T·S for which auto prefers dense over chunked, per platform (from the
-# crossover measured by experiments/benchmark.py; see docs/benchmarks.md).
-DENSE_MAX_SCORES = {"cpu": 1024 * 1024, "gpu": 1024 * 1024, "tpu": 1024 * 1024}
+# Largest T·S (scores per head) for which auto prefers dense over chunked, per
+# platform, from measured crossovers (docs/benchmarks.md): on the 2-core CPU dense
+# wins at T=512 and chunked is ~2x faster from T=1024 on; on an H200 jax.nn's and
+# jattn's dense XLA path beat chunked up to T=4096 (causal or not).  TPU: unmeasured.
+DENSE_MAX_SCORES = {"cpu": 512 * 512, "gpu": 4096 * 4096, "tpu": 1024 * 1024}
+# Largest float32 score buffer B·N·T·S·4 bytes auto lets dense materialise.
+DENSE_MAX_BYTES = {"cpu": 2**31, "gpu": 2**33, "tpu": 2**32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,14 +72,19 @@ def choose(call: AttentionCall, platform: str) -> Explanation:
 
     s = call.shape
     scores = s["T"] * s["S"]
+    score_bytes = s["B"] * s["N"] * scores * 4
     limit = DENSE_MAX_SCORES.get(platform, DENSE_MAX_SCORES["cpu"])
+    max_bytes = DENSE_MAX_BYTES.get(platform, DENSE_MAX_BYTES["cpu"])
     if call.return_weights:
         chosen, reason = "dense", "return_weights=True needs the weights materialised"
     elif "cudnn" not in refused:
         chosen, reason = "cudnn", "cuDNN's fused flash kernel supports this request"
-    elif scores <= limit:
+    elif scores <= limit and score_bytes <= max_bytes:
         chosen, reason = "dense", f"short: T·S = {scores} <= {limit}, where one dense pass is fastest"
         refused.setdefault("chunked", f"T·S = {scores} <= {limit}: dense is faster at this size")
+    elif scores <= limit:
+        chosen, reason = "chunked", f"{score_bytes / 2**30:.1f} GiB of scores > {max_bytes / 2**30:.0f} GiB; O(T) memory"
+        refused.setdefault("dense", f"its scores would take {score_bytes / 2**30:.1f} GiB (limit {max_bytes / 2**30:.0f} GiB)")
     else:
         chosen, reason = "chunked", f"long: T·S = {scores} > {limit}; O(T) memory, skips empty tiles"
         refused.setdefault("dense", f"T·S = {scores} > {limit}: materialising the scores costs memory and time")

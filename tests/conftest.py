@@ -31,5 +31,5 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs a GPU (JAX default backend is %s)" % jax.default_backend())
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:  # the marker, not a name containing "gpu"
             item.add_marker(skip)

@@ -43,7 +43,7 @@ from jattn.call import AttentionCall
 NAME = "chunked"
 
 # (block_q, block_kv) per platform, from experiments/benchmark.py sweeps (docs/benchmarks.md).
-DEFAULT_BLOCK_SIZES = {"cpu": (256, 256), "gpu": (2048, 2048), "tpu": (512, 512)}
+DEFAULT_BLOCK_SIZES = {"cpu": (512, 256), "gpu": (2048, 2048), "tpu": (512, 512)}
 
 
 def refusal(call: AttentionCall, platform: str) -> str | None:
