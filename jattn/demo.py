@@ -15,7 +15,12 @@ from jattn import ops
 
 
 def main() -> None:
-    np.set_printoptions(precision=3, suppress=True)
+    # Local print options: a caller's (or a test session's) NumPy settings stay as they were.
+    with np.printoptions(precision=3, suppress=True):
+        _walk_through()
+
+
+def _walk_through() -> None:
     tokens = ["the", "cat", "sat", "down"]
     x = jnp.array([[1.0, 0.0, 1.0], [0.0, 2.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # [T, D]
     k_q, k_k, k_v, k_o = jax.random.split(jax.random.key(0), 4)
@@ -35,7 +40,6 @@ def main() -> None:
     print("\n4. context vectors  weights·V  [T, D]\n", np.asarray(context))
     updated = x + context @ w_o
     print("\n5. updated sequence  X + context·W^O  [T, D]\n", np.asarray(updated))
-
 
 if __name__ == "__main__":
     main()

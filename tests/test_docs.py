@@ -30,9 +30,13 @@ def test_readme_has_the_two_commands_and_examples():
 
 
 def test_demo_prints_the_five_steps(capsys):
+    import numpy as np
+
     from jattn import demo
 
+    before = np.get_printoptions()
     demo.main()
+    assert np.get_printoptions() == before  # no global state left behind
     printed = capsys.readouterr().out
     for step in ("1. attention scores", "2-3. normalised scores", "4. context vectors", "5. updated sequence"):
         assert step in printed
