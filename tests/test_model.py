@@ -1,7 +1,6 @@
 """experiments.model: the transformer's shapes, causality, jattn against the Flax
 baseline, the KV cache, and generation."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
