@@ -68,8 +68,15 @@ def _block_ranges(length: int, block: int, xp):
     return xp.asarray(starts), xp.asarray(ends)
 
 
-def _kinds(xp, empty, full):
-    """Combine boolean 'tile empty' / 'tile full' grids into EMPTY/PARTIAL/FULL codes."""
+def tile_kinds(empty, full):
+    """Combine boolean 'tile empty' / 'tile full' grids into EMPTY/PARTIAL/FULL int8
+    codes (NumPy for NumPy inputs, jnp otherwise).
+
+    >>> import numpy as np
+    >>> tile_kinds(np.array([True, False, False]), np.array([False, True, False]))
+    array([0, 2, 1], dtype=int8)
+    """
+    xp = _xp(empty, full)
     return xp.where(empty, EMPTY, xp.where(full, FULL, PARTIAL)).astype(xp.int8)
 
 
@@ -137,7 +144,7 @@ class Causal(Mask):
         kv_first, kv_last = _block_ranges(num_kv, block_kv, xp)
         empty = kv_first[None, :] > q_last[:, None] + self.offset
         full = kv_last[None, :] <= q_first[:, None] + self.offset
-        return _kinds(xp, empty, full)
+        return tile_kinds(empty, full)
 
 
 @index_function
@@ -190,7 +197,7 @@ class SlidingWindow(Mask):
         if self.right is not None:
             empty = empty | (kv_first[None, :] > p_last + self.right)
             full = full & (kv_last[None, :] <= p_first + self.right)
-        return _kinds(xp, empty, full)
+        return tile_kinds(empty, full)
 
 
 @index_function
@@ -238,7 +245,7 @@ class SegmentIds(Mask):
         kv_lo, kv_hi = block_min_max(self.kv_segment_ids, num_kv, block_kv)
         empty = (q_hi[:, None] < kv_lo[None, :]) | (kv_hi[None, :] < q_lo[:, None])
         full = (q_lo == q_hi)[:, None] & (kv_lo == kv_hi)[None, :] & (q_lo[:, None] == kv_lo[None, :])
-        return _kinds(xp, empty, full)
+        return tile_kinds(empty, full)
 
 
 @index_function
@@ -277,7 +284,7 @@ class Lengths(Mask):
         kv_len = num_kv if self.kv_length is None else self.kv_length
         empty = (q_first[:, None] >= q_len) | (kv_first[None, :] >= kv_len)
         full = (q_last[:, None] < q_len) & (kv_last[None, :] < kv_len)
-        return _kinds(xp, empty, full)
+        return tile_kinds(empty, full)
 
 
 @index_function
@@ -340,7 +347,7 @@ class Dense(Mask):
         tiles = (num_q + pad_q) // block_q, block_q, (num_kv + pad_kv) // block_kv, block_kv
         empty = ~any_.reshape(tiles).any(axis=(1, 3))
         full = all_.reshape(tiles).all(axis=(1, 3))
-        return _kinds(xp, empty, full)
+        return tile_kinds(empty, full)
 
 
 @index_function

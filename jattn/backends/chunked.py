@@ -145,7 +145,7 @@ def _block_table(call, mask, mask_axes, dense_mask, num_q_blocks, num_kv_blocks,
             per_example = jnp.broadcast_to(per_example, (s["B"], num_q_blocks, num_kv_blocks))
             empty = jnp.all(per_example == masks_lib.EMPTY, axis=0)
             full = jnp.all(per_example == masks_lib.FULL, axis=0)
-            kinds = jnp.where(empty, masks_lib.EMPTY, jnp.where(full, masks_lib.FULL, masks_lib.PARTIAL))
+            kinds = masks_lib.tile_kinds(empty, full)
     if dense_mask is not None:
         # dense_mask is padded to the tile grid; reduce every axis but the tile axes.
         t, k = dense_mask.shape[-2:]
@@ -154,7 +154,7 @@ def _block_table(call, mask, mask_axes, dense_mask, num_q_blocks, num_kv_blocks,
         lead = tuple(range(tiles.ndim - 4))
         empty = ~tiles.any(axis=lead + (tiles.ndim - 3, tiles.ndim - 1))
         full = tiles.all(axis=lead + (tiles.ndim - 3, tiles.ndim - 1))
-        dense_kinds = jnp.where(empty, masks_lib.EMPTY, jnp.where(full, masks_lib.FULL, masks_lib.PARTIAL))
+        dense_kinds = masks_lib.tile_kinds(empty, full)
         kinds = jnp.minimum(kinds, jnp.broadcast_to(dense_kinds, kinds.shape))
     if num_kv_blocks * bk > s["S"]:
         # The last kv tile holds padding keys, which only the mask path excludes.
