@@ -9,7 +9,7 @@ from typing import Any, Callable
 import jax
 
 from jattn import dispatch
-from jattn.call import validate
+from jattn.call import AttentionCall, validate
 
 Array = jax.Array
 
@@ -62,7 +62,7 @@ def dot_product_attention(
       local_window_size: ``w`` or ``(left, right)``: row i attends keys
         ``i + query_offset - left <= j <= i + query_offset + right``.
       implementation: None (automatic), ``"dense"`` (alias ``"xla"``), ``"chunked"``
-        or ``"cudnn"``; see `explain`.
+        ``"cudnn"`` or ``"pallas"``; see `explain`.
       return_residual: also return the log-sum-exp of each row ``[B, T, N]``
         (-inf for a fully masked row), as jax.nn does.
       query_segment_ids, key_value_segment_ids: int ``[B, T]`` / ``[B, S]`` for packed
@@ -130,6 +130,19 @@ def explain(query, key, value, bias=None, mask=None, *, platform: str | None = N
       >>> print(jattn.explain(q, q, q, implementation="dense").backend)
       dense
     """
+    call = make_call(query, key, value, bias, mask, **kwargs)
+    return dispatch.choose(call, platform or dispatch.current_platform())
+
+
+def make_call(query, key, value, bias=None, mask=None, **kwargs) -> AttentionCall:
+    """The validated `AttentionCall` for `dot_product_attention`'s arguments (keyword
+    arguments not given take its defaults); what each backend's ``run`` takes.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> make_call(jnp.zeros((2, 16, 4, 8)), jnp.zeros((2, 9, 2, 8)), jnp.zeros((2, 9, 2, 8))).shape
+      {'B': 2, 'T': 16, 'S': 9, 'N': 4, 'K': 2, 'H': 8, 'Hv': 8}
+    """
     defaults = dict(
         scale=None, is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
         local_window_size=None, implementation=None, return_residual=False,
@@ -139,6 +152,5 @@ def explain(query, key, value, bias=None, mask=None, *, platform: str | None = N
     )
     unknown = set(kwargs) - set(defaults)
     if unknown:
-        raise TypeError(f"explain: unknown arguments {sorted(unknown)}")
-    call = validate(query, key, value, bias, mask, **{**defaults, **kwargs})
-    return dispatch.choose(call, platform or dispatch.current_platform())
+        raise TypeError(f"unknown arguments {sorted(unknown)}; expected some of {sorted(defaults)}")
+    return validate(query, key, value, bias, mask, **{**defaults, **kwargs})

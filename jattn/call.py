@@ -19,7 +19,7 @@ from jattn import score_mods as score_mods_lib
 
 Array = jax.Array
 
-IMPLEMENTATIONS = (None, "xla", "dense", "chunked", "cudnn")
+IMPLEMENTATIONS = (None, "xla", "dense", "chunked", "cudnn", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,10 +7,12 @@ The automatic policy (``implementation=None``), in order:
 
 1. ``return_weights`` needs the weights materialised: **dense**.
 2. On a GPU, when cuDNN's fused kernel supports the request: **cudnn**.
-3. Short sequences, ``T·S <= DENSE_MAX_SCORES[platform]`` and at most
+3. On a GPU, when jattn's own fused Triton kernels support it (soft-capping, segment
+   ids, offset causal/window bands, any head dim up to 256): **pallas**.
+4. Short sequences, ``T·S <= DENSE_MAX_SCORES[platform]`` and at most
    ``DENSE_MAX_BYTES[platform]`` of scores in all: **dense** (one fused pass beats a
    loop over tiles there; measured in docs/benchmarks.md).
-4. Otherwise: **chunked** (O(T) memory, skips tiles the mask empties).
+5. Otherwise: **chunked** (O(T) memory, skips tiles the mask empties).
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import dataclasses
 
 import jax
 
-from jattn.backends import chunked, cudnn, dense
+from jattn.backends import chunked, cudnn, dense, pallas
 from jattn.call import AttentionCall
 
-BACKENDS = {dense.NAME: dense, chunked.NAME: chunked, cudnn.NAME: cudnn}
+BACKENDS = {dense.NAME: dense, chunked.NAME: chunked, cudnn.NAME: cudnn, pallas.NAME: pallas}
 
 # Largest T·S (scores per head) for which auto prefers dense over chunked, per
 # platform, from measured crossovers (docs/benchmarks.md): on the 2-core CPU dense
@@ -79,6 +81,8 @@ def choose(call: AttentionCall, platform: str) -> Explanation:
         chosen, reason = "dense", "return_weights=True needs the weights materialised"
     elif "cudnn" not in refused:
         chosen, reason = "cudnn", "cuDNN's fused flash kernel supports this request"
+    elif "pallas" not in refused:
+        chosen, reason = "pallas", "jattn's fused Triton kernels support this request (cuDNN does not)"
     elif scores <= limit and score_bytes <= max_bytes:
         chosen, reason = "dense", f"short: T·S = {scores} <= {limit}, where one dense pass is fastest"
         refused.setdefault("chunked", f"T·S = {scores} <= {limit}: dense is faster at this size")

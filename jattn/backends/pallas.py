@@ -1,0 +1,146 @@
+"""The Pallas backend: jattn's own fused flash-attention kernels on NVIDIA GPUs.
+
+It serves what cuDNN's kernel cannot while keeping the fused kernel's speed: logits
+soft-capping, segment ids, causal and sliding-window masks shifted by ``query_offset``
+(decoding), any GQA ratio, head dims up to 256 that are not multiples of 8.  The
+kernels live in `jattn.backends.flash_kernels`; this module maps an `AttentionCall`
+onto them: it pads T and S to whole tiles and the head dim to a power of two, turns
+key lengths into a per-key validity vector, and zeroes rows past the query lengths.
+
+Example (on a CPU the same kernels run through the Pallas interpreter):
+  >>> import jax.numpy as jnp
+  >>> from jattn.attention import make_call
+  >>> q = jnp.ones((1, 40, 2, 24)); kv = jnp.ones((1, 40, 1, 24))
+  >>> out, _, lse = run(make_call(q, kv, kv, is_causal=True), "cpu")
+  >>> out.shape
+  (1, 40, 2, 24)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from jattn.backends import flash_kernels as fk
+from jattn.call import AttentionCall
+
+NAME = "pallas"
+
+MAX_HEAD_DIM = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Tile sizes (powers of two, >= 16) and Triton launch parameters."""
+
+    block_q: int = 128
+    block_kv: int = 64
+    block_q_dq: int = 64
+    block_kv_dq: int = 64
+    block_q_dkv: int = 64
+    block_kv_dkv: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Chosen from the sweep in scripts/gpu_quick.py on an H200 (docs/benchmarks.md).
+DEFAULT_TILES = Tiles()
+
+
+def refusal(call: AttentionCall, platform: str) -> str | None:
+    s = call.shape
+    if platform != "gpu":
+        return f"its kernels are compiled by Triton for NVIDIA GPUs (platform is {platform})"
+    if call.query.dtype not in (jnp.bfloat16, jnp.float16):
+        return (f"needs bfloat16 or float16 inputs; got {call.query.dtype} (Triton's float32 "
+                "dots round to TF32; chunked keeps float32 accuracy)")
+    if s["Hv"] != s["H"] or s["H"] > MAX_HEAD_DIM:
+        return f"needs equal query/value head dims of at most {MAX_HEAD_DIM}; got H={s['H']}, Hv={s['Hv']}"
+    unsupported = {
+        "dropout": call.dropout_rate > 0.0,
+        "returning the weights": call.return_weights,
+        "a bias": call.bias is not None,
+        "a boolean mask array": call.dense_mask is not None,
+        "a mask object or mask function": call.user_mask is not None,
+        "score_mod": call.user_score_mod is not None,
+    }
+    for feature, used in unsupported.items():
+        if used:
+            return f"its kernels have no {feature} (chunked has)"
+    positional = call.is_causal or call.local_window_size is not None
+    if positional and not isinstance(call.query_offset, int):
+        return "its causal / window band needs query_offset as a Python int, not an array"
+    return None
+
+
+def _band(call: AttentionCall) -> tuple[int | None, int | None]:
+    """(left, right) of ``-left <= kv - (q + offset) <= right``; None is unbounded."""
+    left = right = None
+    if call.local_window_size is not None:
+        left, right = call.local_window_size
+    if call.is_causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
+
+
+def _pow2_at_least(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _pad_axis(x, axis: int, to: int, value=0):
+    if x.shape[axis] == to:
+        return x
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (0, to - x.shape[axis])
+    return jnp.pad(x, pads, constant_values=value)
+
+
+def spec_for(call: AttentionCall, tiles: Tiles = DEFAULT_TILES, *, interpret: bool = False) -> fk.FlashSpec:
+    """The kernels' static configuration for ``call``: tiles clipped to the sequences
+    (a 40-row query uses 64-row tiles, not 128)."""
+    s = call.shape
+    clip_q, clip_kv = _pow2_at_least(s["T"]), _pow2_at_least(s["S"])
+    left, right = _band(call)
+    return fk.FlashSpec(
+        scale=float(call.scale),
+        offset=int(call.query_offset) if isinstance(call.query_offset, int) else 0,
+        left=left, right=right, softcap=call.logits_soft_cap, seq_q=s["T"], seq_kv=s["S"],
+        block_q=min(tiles.block_q, clip_q), block_kv=min(tiles.block_kv, clip_kv),
+        block_q_dq=min(tiles.block_q_dq, clip_q), block_kv_dq=min(tiles.block_kv_dq, clip_kv),
+        block_q_dkv=min(tiles.block_q_dkv, clip_q), block_kv_dkv=min(tiles.block_kv_dkv, clip_kv),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, interpret=interpret,
+    )
+
+
+def run(call: AttentionCall, platform: str, *, tiles: Tiles = DEFAULT_TILES, interpret: bool | None = None):
+    """``(out [B, T, N, Hv], None, lse [B, T, N] | None)`` from the fused kernels.
+    ``interpret`` defaults to True off a GPU (the Pallas interpreter, for tests)."""
+    interpret = platform != "gpu" if interpret is None else interpret
+    spec = spec_for(call, tiles, interpret=interpret)
+    s = call.shape
+    B, T, S, H = s["B"], s["T"], s["S"], s["H"]
+    Tp = -(-T // max(spec.block_q, spec.block_q_dq, spec.block_q_dkv)) * max(spec.block_q, spec.block_q_dq, spec.block_q_dkv)
+    Sp = -(-S // max(spec.block_kv, spec.block_kv_dq, spec.block_kv_dkv)) * max(spec.block_kv, spec.block_kv_dq, spec.block_kv_dkv)
+    Hp = _pow2_at_least(H)
+
+    q = _pad_axis(_pad_axis(call.query, 1, Tp), 3, Hp)
+    k = _pad_axis(_pad_axis(call.key, 1, Sp), 3, Hp)
+    v = _pad_axis(_pad_axis(call.value, 1, Sp), 3, Hp)
+    q_seg = kv_seg = kv_valid = None
+    if call.segment_ids is not None:
+        q_seg = _pad_axis(jnp.broadcast_to(call.segment_ids[0], (B, T)).astype(jnp.int32), 1, Tp)
+        kv_seg = _pad_axis(jnp.broadcast_to(call.segment_ids[1], (B, S)).astype(jnp.int32), 1, Sp)
+    if call.key_value_seq_lengths is not None:
+        kv_valid = (jnp.arange(Sp)[None, :] < call.key_value_seq_lengths[:, None]).astype(jnp.int32)
+        kv_valid = kv_valid & (jnp.arange(Sp) < S)[None, :].astype(jnp.int32)
+
+    out, lse = fk.flash_attention(q, k, v, q_seg, kv_seg, kv_valid, spec)
+    out = out[:, :T, :, :H]
+    lse = lse[:, :, :T].transpose(0, 2, 1)
+    if call.query_seq_lengths is not None:
+        # Rows past a query length attend nothing: zeros, as in every jattn backend.
+        has_row = (jnp.arange(T)[None, :] < call.query_seq_lengths[:, None])[:, :, None]
+        out = jnp.where(has_row[..., None], out, 0).astype(out.dtype)
+        lse = jnp.where(has_row, lse, -jnp.inf)
+    return out, None, (lse if call.return_residual else None)
