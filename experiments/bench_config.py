@@ -54,6 +54,7 @@ IMPLS = {
     "flax": "flax.linen",
     "dense": "jattn dense",
     "chunked": "jattn chunked",
+    "pallas": "jattn pallas",
     "auto": "jattn auto",
 }
 MODES = ("fwd", "fwd+bwd")

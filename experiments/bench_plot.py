@@ -20,7 +20,7 @@ from experiments.bench_config import IMPLS
 
 _COLORS = {
     "jax_xla": "tab:blue", "jax_cudnn": "tab:purple", "flax": "tab:olive",
-    "dense": "tab:orange", "chunked": "tab:green", "auto": "tab:red",
+    "dense": "tab:orange", "chunked": "tab:green", "pallas": "tab:brown", "auto": "tab:red",
 }
 _VARIANT_KEYS = ("causal", "B", "N", "K", "H", "dtype")
 _MARKERS = "osD^v<>p"

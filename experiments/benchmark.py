@@ -3,8 +3,8 @@
     python -m experiments.benchmark --config configs/bench_cpu.yaml [key=value ...] [--out DIR]
 
 Times forward and forward+backward of ``jax.nn.dot_product_attention`` (xla, and
-cudnn on a GPU), ``flax.linen.dot_product_attention`` and jattn's dense, chunked and
-automatic backends on the shapes of a config (see `experiments.bench_config`), and a
+cudnn on a GPU), ``flax.linen.dot_product_attention`` and jattn's dense, chunked,
+pallas (GPU) and automatic backends on the shapes of a config (see `experiments.bench_config`), and a
 square matmul that gives the machine's ceiling in the same run.
 
 Each case runs in a fresh subprocess (``python -m experiments.benchmark --case JSON``)
@@ -52,6 +52,9 @@ from typing import Any, Callable
 import numpy as np
 
 from experiments.bench_config import IMPLS, BenchConfig, Case, ConfigError, load_config
+
+# The benchmark's jattn implementations → `implementation=` of jattn.dot_product_attention.
+JATTN_IMPLEMENTATION = {"dense": "dense", "chunked": "chunked", "pallas": "pallas", "auto": None}
 
 # Forward+backward counts (1 + BACKWARD_FLOP_FACTOR) × the forward FLOPs.
 BACKWARD_FLOP_FACTOR = 2.5
@@ -144,6 +147,8 @@ def plan_skip(case: Case, platform: str | None) -> str | None:
         return case.skip
     if case.impl == "jax_cudnn" and platform != "gpu" and not case.force:
         return f"cuDNN attention needs an NVIDIA GPU; the cases run on {platform or 'an unknown platform'}"
+    if case.impl == "pallas" and platform != "gpu" and not case.force:
+        return f"jattn's Triton kernels need an NVIDIA GPU; the cases run on {platform or 'an unknown platform'}"
     return None
 
 
@@ -261,7 +266,7 @@ def attention_function(case: Case) -> Callable:
         return f
     import jattn
 
-    impl = {"dense": "dense", "chunked": "chunked", "auto": None}[case.impl]
+    impl = JATTN_IMPLEMENTATION[case.impl]
 
     def f(q, k, v):
         return jattn.dot_product_attention(
@@ -276,7 +281,7 @@ def _jattn_choice(case: Case, q, k, v) -> dict:
     call would when the requested backend cannot serve it."""
     import jattn
 
-    impl = {"dense": "dense", "chunked": "chunked", "auto": None}[case.impl]
+    impl = JATTN_IMPLEMENTATION[case.impl]
     choice = jattn.explain(q, k, v, is_causal=case.causal, implementation=impl, block_sizes=case.block_sizes)
     return dict(backend=choice.backend, backend_reason=choice.reason)
 
@@ -299,7 +304,7 @@ def run_case(case: Case) -> dict:
         q = _normal(rng, (case.B, case.T, case.N, case.H), case.dtype)
         k = _normal(rng, (case.B, case.T, case.K, case.H), case.dtype)
         v = _normal(rng, (case.B, case.T, case.K, case.H), case.dtype)
-        if case.impl in ("dense", "chunked", "auto"):
+        if case.impl in JATTN_IMPLEMENTATION:
             res.update(_jattn_choice(case, q, k, v))
         attn = attention_function(case)
         if case.mode == "fwd":

@@ -1,8 +1,9 @@
 """In-process GPU timings of the Pallas backend against its peers, for a short device
 lease.  ``python3 scripts/gpu_pallas.py [budget_s] [--dry-run]``.
 
-Shapes as issue 3's GPU target: bf16, B=1, N=16, H=128.  Each row: jit, one warm-up
-call (compile), then the median of 5 timed calls with block_until_ready.  FLOPs as in
+Shapes as issue 3's GPU target: bf16, B=1, N=16, H=128, plus decoding rows.  Each
+row: jit, one warm-up call (compile), then the median of 5 samples, each a loop of
+enough calls to last 10 ms (block_until_ready at its end), divided by the calls.  FLOPs as in
 experiments/benchmark.py (forward 4·B·N·T·S·H, halved when causal; forward+backward
 3.5x forward).  Rows print as they finish and in priority order, so a stopped run
 still reports what matters most; a failing case is a row, not a crash.  The summary
@@ -32,8 +33,8 @@ SIZES = (256, 128, 512) if DRY else (16384, 4096, 1024)
 LONG, MID, SHORT = SIZES
 
 
-def attention_fn(impl, causal, tiles=None, softcap=None):
-    kw = {} if softcap is None else {"logits_soft_cap": softcap}
+def attention_fn(impl, causal, tiles=None, **kw):
+    """``f(q, k, v)`` for one implementation; ``kw`` are extra jattn arguments."""
     if impl in ("jax.nn xla", "jax.nn cudnn"):
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl.split()[1])
     if impl == "jattn pallas":
@@ -43,56 +44,82 @@ def attention_fn(impl, causal, tiles=None, softcap=None):
     return lambda q, k, v: jattn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl_arg, **kw)
 
 
-def time_case(T, causal, mode, impl, tiles=None, softcap=None):
+def _inputs(T, S=None, b=B, n=N, kv_heads=None):
     ks = jax.random.split(jax.random.key(T), 3)
-    q, k, v = (jax.random.normal(kk, (B, T, N, H), jnp.bfloat16) for kk in ks)
-    f = attention_fn(impl, causal, tiles, softcap)
+    S = T if S is None else S
+    kv_heads = n if kv_heads is None else kv_heads
+    return (jax.random.normal(ks[0], (b, T, n, H), jnp.bfloat16),
+            jax.random.normal(ks[1], (b, S, kv_heads, H), jnp.bfloat16),
+            jax.random.normal(ks[2], (b, S, kv_heads, H), jnp.bfloat16))
+
+
+def _median_seconds(run, args, min_sample_s=0.01):
+    """Median over 5 samples of one call's time; each sample loops enough calls to
+    last ``min_sample_s``, so launch overhead and clock noise average out."""
+    jax.block_until_ready(run(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(*args))
+    calls = max(1, int(min_sample_s / max(time.perf_counter() - t0, 1e-6)))
+    samples = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = run(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / calls)
+    return statistics.median(samples)
+
+
+def time_case(T, causal, mode, impl, tiles=None, softcap=None, shape=None):
+    """(ms, TFLOP/s).  ``shape``: dict(S=, b=, n=, kv_heads=, offset=) for decoding rows."""
+    shape = dict(shape or {})
+    offset = shape.pop("offset", 0)
+    q, k, v = _inputs(T, **shape)
+    kw = {} if softcap is None else {"logits_soft_cap": softcap}
+    if offset:
+        kw["query_offset"] = offset
+    f = attention_fn(impl, causal, tiles, **kw)
     if mode == "fwd":
         run = jax.jit(f)
     else:
         run = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
-    jax.block_until_ready(run(q, k, v))
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(q, k, v))
-        times.append(time.perf_counter() - t0)
-    ms = statistics.median(times) * 1e3
-    flops = 4 * B * N * T * T * H / (2 if causal else 1) * (3.5 if mode == "fwd+bwd" else 1.0)
+    ms = _median_seconds(run, (q, k, v)) * 1e3
+    b, _, n, _ = q.shape
+    S = k.shape[1]
+    flops = 4 * b * n * T * S * H / (2 if causal and S == T else 1) * (3.5 if mode == "fwd+bwd" else 1.0)
     return ms, flops / (ms * 1e-3) / 1e12
 
 
 def agreement(T, causal):
     """max |pallas - cudnn| (|pallas - dense| in a dry run) on the forward output."""
-    ks = jax.random.split(jax.random.key(T), 3)
-    q, k, v = (jax.random.normal(kk, (B, T, N, H), jnp.bfloat16) for kk in ks)
+    q, k, v = _inputs(T)
     ours = jax.jit(attention_fn("jattn pallas", causal))(q, k, v).astype(jnp.float32)
     peer = jax.jit(attention_fn("jattn dense" if DRY else "jax.nn cudnn", causal))(q, k, v).astype(jnp.float32)
     return float(jnp.max(jnp.abs(ours - peer))), float(jnp.max(jnp.abs(peer)))
 
 
 TILE_SWEEP = [
-    pallas.Tiles(128, 64, 64, 64, 64, 64, num_warps=4, num_stages=2),
-    pallas.Tiles(128, 64, 64, 64, 64, 64, num_warps=4, num_stages=3),
     pallas.Tiles(128, 128, 64, 64, 64, 64, num_warps=8, num_stages=2),
-    pallas.Tiles(64, 64, 64, 64, 64, 64, num_warps=4, num_stages=2),
-    pallas.Tiles(128, 64, 128, 32, 32, 128, num_warps=8, num_stages=2),
-    pallas.Tiles(128, 64, 64, 32, 32, 64, num_warps=4, num_stages=3),
-    pallas.Tiles(128, 64, 128, 64, 64, 128, num_warps=8, num_stages=2),
+    pallas.Tiles(128, 64, 64, 64, 64, 64, num_warps=8, num_stages=2),
+    pallas.Tiles(128, 64, 64, 64, 64, 64, num_warps=4, num_stages=3),
 ]
 PEERS = ("jax.nn xla",) if DRY else ("jax.nn xla", "jax.nn cudnn")
+# Decoding: 8 sequences, one (or 16 speculative) new queries after a cache of S keys, GQA 32/8.
+DECODE_S = 1024 if DRY else 8192
+DECODE = [(t, dict(S=DECODE_S, b=8, n=32, kv_heads=8, offset=DECODE_S - t)) for t in (1, 16)]
 
-CASES = [  # (T, causal, mode, impl, tiles, softcap), in priority order
-    *[(T, c, m, impl, None, None) for T in (LONG, MID) for c in (False, True) for m in ("fwd", "fwd+bwd")
-      for impl in ("jattn pallas", *PEERS)],
-    *[(LONG, False, "fwd", "jattn pallas", t, None) for t in TILE_SWEEP[1:4]],
-    *[(LONG, False, "fwd+bwd", "jattn pallas", t, None) for t in TILE_SWEEP[4:]],
-    *[(SHORT, c, m, impl, None, None) for c in (False, True) for m in ("fwd", "fwd+bwd")
+CASES = [  # (T, causal, mode, impl, tiles, softcap, shape), in priority order
+    # Re-measured with looped samples: the first run's T=4096 causal and T=1024 forward rows.
+    *[(MID, True, "fwd", impl, None, None, None) for impl in ("jattn pallas", *PEERS)],
+    *[(SHORT, c, m, impl, None, None, None) for c in (False, True) for m in ("fwd", "fwd+bwd")
       for impl in ("jattn pallas", "jattn dense", "jax.nn xla")],
-    # Soft-capping (Gemma-style): cuDNN cannot; auto picks pallas, chunked is the alternative.
-    *[(8192 if not DRY else LONG, True, "fwd+bwd", impl, None, 30.0) for impl in ("jattn auto", "jattn chunked")],
-    (LONG, True, "fwd+bwd", "jattn chunked", None, None),
-    *[(MID, True, "fwd+bwd", "jattn pallas", t, None) for t in TILE_SWEEP[4:]],
+    # Decoding: one program per (sequence, head) walks all S keys; dense spreads S.
+    *[(t, True, "fwd", impl, None, None, d) for t, d in DECODE
+      for impl in ("jattn pallas", "jattn dense", "jattn chunked")],
+    # The long rows again (same run baseline) and tile variants.
+    *[(LONG, c, m, impl, None, None, None) for c in (False, True) for m in ("fwd", "fwd+bwd")
+      for impl in ("jattn pallas", *PEERS)],
+    *[(LONG, False, m, "jattn pallas", t, None, None) for m in ("fwd", "fwd+bwd") for t in TILE_SWEEP],
 ]
 
 
@@ -106,14 +133,16 @@ def main():
             print(f"agreement T={T} causal={causal}: error {type(e).__name__}: {str(e)[:400]}", flush=True)
     print("| T | mask | mode | implementation | tiles | ms | TFLOP/s |\n|---|---|---|---|---|---|---|", flush=True)
     results = {}
-    for T, causal, mode, impl, tiles, softcap in CASES:
+    for T, causal, mode, impl, tiles, softcap, shape in CASES:
         mask = ("causal" if causal else "none") + (f"+softcap{softcap:g}" if softcap else "")
+        if shape:
+            mask += f" decode S={shape['S']} B={shape['b']} N={shape['n']} K={shape['kv_heads']}"
         label = "default" if tiles is None else f"{tiles.block_q}x{tiles.block_kv}/{tiles.block_q_dq}x{tiles.block_kv_dq}/{tiles.block_q_dkv}x{tiles.block_kv_dkv} w{tiles.num_warps} s{tiles.num_stages}"
         if time.perf_counter() - START > BUDGET_S:
             print(f"| {T} | {mask} | {mode} | {impl} | {label} | skipped (budget) | |", flush=True)
             continue
         try:
-            ms, tflops = time_case(T, causal, mode, impl, tiles, softcap)
+            ms, tflops = time_case(T, causal, mode, impl, tiles, softcap, shape)
             results[(T, mask, mode, impl, label)] = ms
             row = f"{ms:.3g} | {tflops:.0f}"
         except Exception as e:  # a failing case is a row, not a crash
