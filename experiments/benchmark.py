@@ -68,6 +68,8 @@ STATUSES = ("ok", "skipped", "error", "oom", "killed", "timeout")
 # A case is stopped when the machine has less than this much memory available.
 MIN_AVAILABLE_BYTES = 512 * 2**20
 _POLL_S = 0.05
+# Shortest timed sample: faster calls are looped within one sample (see _time_calls).
+MIN_SAMPLE_S = 0.01
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -209,16 +211,25 @@ def _normal(rng, shape: tuple[int, ...], dtype: str):
 
 
 def _time_calls(fn: Callable, args: tuple, warmups: int, repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` calls, after ``warmups`` untimed ones."""
+    """Per-call seconds of ``repeats`` samples, after ``warmups`` untimed calls (at
+    least one).  A sample loops enough calls to last `MIN_SAMPLE_S` (judged from the
+    last warm-up) and waits for the last one, so sub-millisecond GPU calls are timed
+    back to back, not through one host round trip each; a call longer than that is
+    timed alone."""
     import jax
 
-    for _ in range(warmups):
+    for _ in range(max(warmups - 1, 0)):
         jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    calls = max(1, int(MIN_SAMPLE_S / max(time.perf_counter() - t0, 1e-9)))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / calls)
     return times
 
 
@@ -751,7 +762,8 @@ def render_markdown(payload: dict) -> str:
         lines.append("- **incomplete run**: it was stopped before every case had run")
     lines.append(f"- FLOPs: {payload.get('flop_convention', FLOP_CONVENTION)}")
     lines.append(
-        "- time: median (and min) of the timed calls after warm-up, compile excluded; "
+        "- time: median (and min) per call over the timed samples after warm-up (calls under "
+        f"{MIN_SAMPLE_S * 1e3:g} ms are looped within a sample), compile excluded; "
         "'vs jax.nn xla' = its time / this time on the same shape (> 1: faster)"
     )
     lines.append("")
