@@ -223,3 +223,19 @@ def test_kernels_lower_to_triton_for_cuda():
     text = export.export(jax.jit(grads), platforms=["cuda"], disabled_checks=allow_triton)(q, kv, kv).mlir_module()
     for kernel in ("jattn_flash_forward", "jattn_flash_dq", "jattn_flash_dkv"):
         assert kernel in text
+
+
+def test_vmap_of_unbatched_calls_and_its_gradient():
+    """jax.vmap over unbatched (T, N, H) calls batches the pallas_call (its grid grows
+    an axis); outputs and gradients equal dense's."""
+    q, k, v = qkv(10, 3, 40, 40, 4, 2, 16, unbatched=False)
+
+    def batched(run):
+        return jax.vmap(lambda q, k, v: run(make_call(q, k, v, is_causal=True, logits_soft_cap=4.0))[0])
+
+    ours = batched(lambda c: pallas.run(c, "cpu", tiles=TILES))
+    want = batched(lambda c: dense.run(c, "cpu"))
+    assert_close(ours(q, k, v), want(q, k, v), 1e-5)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) ** 2)
+    for g, w in zip(jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v), jax.grad(loss(want), argnums=(0, 1, 2))(q, k, v)):
+        assert_close(g, w, 2e-5, atol=1e-6)
