@@ -35,6 +35,11 @@ SCRIPT = textwrap.dedent(
         for a, b in zip(got_grads, want_grads):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
         print(impl, "sharded == unsharded")
+    with jax.set_mesh(mesh):
+        qs = jax.device_put(q.astype(jnp.bfloat16), spec)
+        why = jattn.explain(qs, qs, qs, is_causal=True, logits_soft_cap=30.0, platform="gpu")
+        assert why.backend != "pallas" and "shard_map" in why.refused["pallas"], why
+    print("pallas refuses sharded inputs")
     """
 )
 
@@ -43,3 +48,4 @@ def test_explicit_mesh_sharded_equals_unsharded():
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dense sharded == unsharded" in result.stdout and "chunked sharded == unsharded" in result.stdout
+    assert "pallas refuses sharded inputs" in result.stdout

@@ -6,6 +6,8 @@ soft-capping, segment ids, causal and sliding-window masks shifted by ``query_of
 kernels live in `jattn.backends.flash_kernels`; this module maps an `AttentionCall`
 onto them: it pads T and S to whole tiles and the head dim to a power of two, turns
 key lengths into a per-key validity vector, and zeroes rows past the query lengths.
+A kernel runs on one device's arrays: inputs split over an explicit mesh are refused
+(call it inside `jax.shard_map`, where each device sees its shard).
 
 Example (on a CPU the same kernels run through the Pallas interpreter):
   >>> import jax.numpy as jnp
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from jattn.backends import flash_kernels as fk
@@ -71,6 +74,26 @@ def refusal(call: AttentionCall, platform: str) -> str | None:
     positional = call.is_causal or call.local_window_size is not None
     if positional and not isinstance(call.query_offset, int):
         return "its causal / window band needs query_offset as a Python int, not an array"
+    if (spec := _sharded_spec(call.query)) is not None:
+        # A Triton call has no partitioning rule: XLA would gather every shard to
+        # every device.  Inside jax.shard_map the call sees its local shard only.
+        return (f"the query is sharded over a mesh ({spec}); a Pallas kernel runs on one "
+                "device's data, so call it inside jax.shard_map")
+    return None
+
+
+def _sharded_spec(x):
+    """The PartitionSpec of ``x`` under an explicit-axis mesh when some axis is split
+    over more than one device, else None."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+    if spec is None or mesh is None:
+        return None
+    sizes = dict(mesh.shape)
+    for entry in spec:
+        names = entry if isinstance(entry, tuple) else (entry,)
+        if any(name is not None and sizes.get(name, 1) > 1 for name in names):
+            return spec
     return None
 
 
