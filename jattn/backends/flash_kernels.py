@@ -36,7 +36,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jax.experimental.pallas import triton as pl_triton
+try:  # Pallas's Triton primitives; a jaxlib built without Triton lacks them.
+    from jax.experimental.pallas import triton as pl_triton
+except ImportError:  # pragma: no cover - depends on the jaxlib build
+    pl_triton = None
 
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)

@@ -55,6 +55,8 @@ def refusal(call: AttentionCall, platform: str) -> str | None:
     s = call.shape
     if platform != "gpu":
         return f"its kernels are compiled by Triton for NVIDIA GPUs (platform is {platform})"
+    if fk.pl_triton is None:
+        return "this jaxlib has no Pallas Triton support (jax.experimental.pallas.triton)"
     if call.query.dtype not in (jnp.bfloat16, jnp.float16):
         return (f"needs bfloat16 or float16 inputs; got {call.query.dtype} (Triton's float32 "
                 "dots round to TF32; chunked keeps float32 accuracy)")
