@@ -13,6 +13,7 @@ from jattn import masks, score_mods
 from jattn.backends import chunked
 from tests.checks import assert_close, qkv
 from tests.reference import reference_attention
+from tests.strategies import draw_mask
 
 BLOCKS = (4, 3)  # small tiles so that short sequences span several, unevenly
 
@@ -42,31 +43,7 @@ def _cases(draw):
     H = draw(st.sampled_from([2, 3, 8]))
     kind = draw(st.sampled_from(["causal", "window", "segments", "lengths", "prefix", "dense", "fn", "none"]))
     offset = draw(st.integers(0, 3))
-    ours, ref = {}, {}
-    if kind == "causal":
-        ours, ref = {"is_causal": True, "query_offset": offset}, {"is_causal": True, "query_offset": offset}
-    elif kind == "window":
-        w = (draw(st.integers(0, 4)), draw(st.integers(0, 4)))
-        ours, ref = {"local_window_size": w, "query_offset": offset}, {"window": w, "query_offset": offset}
-    elif kind == "segments":
-        q_seg = np.sort(draw(st.lists(st.integers(0, 2), min_size=T, max_size=T)))
-        kv_seg = np.sort(draw(st.lists(st.integers(0, 2), min_size=S, max_size=S)))
-        q_seg, kv_seg = np.broadcast_to(q_seg, (B, T)), np.broadcast_to(kv_seg, (B, S))
-        ours = {"query_segment_ids": jnp.asarray(q_seg), "key_value_segment_ids": jnp.asarray(kv_seg)}
-        ref = {"q_segments": q_seg, "kv_segments": kv_seg}
-    elif kind == "lengths":
-        q_len = draw(st.lists(st.integers(0, T), min_size=B, max_size=B))
-        kv_len = draw(st.lists(st.integers(0, S), min_size=B, max_size=B))
-        ours = {"query_seq_lengths": jnp.array(q_len), "key_value_seq_lengths": jnp.array(kv_len)}
-        ref = {"q_lengths": q_len, "kv_lengths": kv_len}
-    elif kind == "prefix":
-        prefix = draw(st.integers(0, S))
-        ours, ref = {"mask": masks.PrefixLM(prefix)}, {"prefix_length": prefix}
-    elif kind == "dense":
-        dense = np.random.default_rng(draw(st.integers(0, 99))).random((B, 1, T, S)) < 0.6
-        ours, ref = {"mask": jnp.asarray(dense)}, {"mask": dense}
-    elif kind == "fn":
-        ours, ref = {"mask": lambda i, j: (i + j) % 3 != 2}, {"mask_fn": lambda t, s: (t + s) % 3 != 2}
+    ours, ref = draw_mask(draw, kind, B, T, S, offset=offset, max_window=4)
     with_bias = draw(st.booleans())
     return (B, T, S, N, K, H), ours, ref, with_bias, draw(st.integers(0, 999))
 

@@ -16,6 +16,7 @@ from jattn.backends import dense, pallas
 from jattn.backends import flash_kernels as fk
 from tests.checks import RTOL, assert_close, qkv
 from tests.reference import reference_attention
+from tests.strategies import draw_mask
 
 # Small tiles so that short sequences span several blocks, unevenly; backward tiles
 # differ from the forward's so every padding rule is exercised.
@@ -45,22 +46,7 @@ def _cases(draw):
     H = draw(st.sampled_from([8, 20, 32]))
     kind = draw(st.sampled_from(["causal", "window", "segments", "lengths", "none"]))
     offset = draw(st.integers(-3, 40))
-    ours, ref = {}, {}
-    if kind == "causal":
-        ours = ref = {"is_causal": True, "query_offset": offset}
-    elif kind == "window":
-        w = (draw(st.integers(0, 20)), draw(st.integers(0, 20)))
-        ours, ref = {"local_window_size": w, "query_offset": offset}, {"window": w, "query_offset": offset}
-    elif kind == "segments":
-        q_seg = np.sort(np.random.default_rng(T).integers(0, 3, (B, T)), axis=1)
-        kv_seg = np.sort(np.random.default_rng(S).integers(0, 3, (B, S)), axis=1)
-        ours = {"query_segment_ids": jnp.asarray(q_seg), "key_value_segment_ids": jnp.asarray(kv_seg)}
-        ref = {"q_segments": q_seg, "kv_segments": kv_seg}
-    elif kind == "lengths":
-        q_len = draw(st.lists(st.integers(0, T), min_size=B, max_size=B))
-        kv_len = draw(st.lists(st.integers(0, S), min_size=B, max_size=B))
-        ours = {"query_seq_lengths": jnp.array(q_len), "key_value_seq_lengths": jnp.array(kv_len)}
-        ref = {"q_lengths": q_len, "kv_lengths": kv_len}
+    ours, ref = draw_mask(draw, kind, B, T, S, offset=offset, max_window=20)
     if draw(st.booleans()):
         ours, ref = {**ours, "logits_soft_cap": 3.0}, {**ref, "softcap": 3.0}
     return (B, T, S, N, K, H), ours, ref, draw(st.integers(0, 999))

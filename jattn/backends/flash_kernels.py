@@ -46,12 +46,28 @@ LN_2 = math.log(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Tile sizes (powers of two, >= 16) of the three kernels and Triton's launch
+    parameters: ``block_q × block_kv`` for the forward, ``*_dq`` for the dQ kernel,
+    ``*_dkv`` for the dK/dV kernel."""
+
+    block_q: int = 128
+    block_kv: int = 64
+    block_q_dq: int = 64
+    block_kv_dq: int = 64
+    block_q_dkv: int = 64
+    block_kv_dkv: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
 class FlashSpec:
     """Static configuration of one kernel launch (hashable: it keys the jit cache).
 
     ``left`` / ``right``: the band ``-left <= kv - (q + offset) <= right`` of keys a
     query row may see (None: unbounded on that side).  ``seq_q`` / ``seq_kv``: unpadded
-    lengths.  ``block_*``: tile sizes, powers of two of at least 16.
+    lengths.
     """
 
     scale: float
@@ -61,21 +77,14 @@ class FlashSpec:
     softcap: float | None
     seq_q: int
     seq_kv: int
-    block_q: int = 128
-    block_kv: int = 64
-    block_q_dq: int = 64
-    block_kv_dq: int = 64
-    block_q_dkv: int = 64
-    block_kv_dkv: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
+    tiles: Tiles = Tiles()
     interpret: bool = False
 
 
 def _compiler_params(spec: FlashSpec):
     if spec.interpret:
         return None
-    return pl_triton.CompilerParams(num_warps=spec.num_warps, num_stages=spec.num_stages)
+    return pl_triton.CompilerParams(num_warps=spec.tiles.num_warps, num_stages=spec.tiles.num_stages)
 
 
 def _cdiv_nonneg(x, d: int):
@@ -180,7 +189,7 @@ def _scores(spec: FlashSpec, q, k):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, kv_valid_ref, o_ref, lse_ref, *, spec: FlashSpec):
-    bq, bk = spec.block_q, spec.block_kv
+    bq, bk = spec.tiles.block_q, spec.tiles.block_kv
     i = pl.program_id(0)
     num_kv_blocks = k_ref.shape[0] // bk
     rows = i * bq + jnp.arange(bq)
@@ -229,7 +238,7 @@ def _forward(q, k, v, q_seg, kv_seg, kv_valid, spec: FlashSpec):
     B, Tp, N, Hp = q.shape
     Sp, K = k.shape[1], k.shape[2]
     G = N // K
-    bq = spec.block_q
+    bq = spec.tiles.block_q
     grid = (Tp // bq, B, N)
     in_specs = [
         pl.BlockSpec((None, bq, None, Hp), lambda i, b, n: (b, i, n, 0)),
@@ -274,7 +283,7 @@ def _score_grad(spec, p, dp, delta, t):
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, kv_valid_ref, dq_ref, *, spec):
-    bq, bk = spec.block_q_dq, spec.block_kv_dq
+    bq, bk = spec.tiles.block_q_dq, spec.tiles.block_kv_dq
     i = pl.program_id(0)
     num_kv_blocks = k_ref.shape[0] // bk
     rows = i * bq + jnp.arange(bq)
@@ -304,7 +313,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_se
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, kv_valid_ref,
                 dk_ref, dv_ref, *, spec):
-    bq, bk = spec.block_q_dkv, spec.block_kv_dkv
+    bq, bk = spec.tiles.block_q_dkv, spec.tiles.block_kv_dkv
     j = pl.program_id(0)
     num_q_blocks = q_ref.shape[0] // bq
     start = j * bk
@@ -346,7 +355,7 @@ def _backward(q, k, v, q_seg, kv_seg, kv_valid, out, lse2, d_out, spec: FlashSpe
     lse2 = jnp.where(jnp.isneginf(lse2), jnp.inf, lse2)
     params = _compiler_params(spec)
 
-    bq, bk = spec.block_q_dq, spec.block_kv_dq
+    bq, bk = spec.tiles.block_q_dq, spec.tiles.block_kv_dq
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, spec=spec),
         grid=(Tp // bq, B, N),
@@ -366,7 +375,7 @@ def _backward(q, k, v, q_seg, kv_seg, kv_valid, out, lse2, d_out, spec: FlashSpe
         compiler_params=params, interpret=spec.interpret, name="jattn_flash_dq",
     )(q, k, v, d_out, lse2, delta, q_seg, kv_seg, kv_valid)
 
-    bq, bk = spec.block_q_dkv, spec.block_kv_dkv
+    bq, bk = spec.tiles.block_q_dkv, spec.tiles.block_kv_dkv
     # One program per (kv block, query head): a kv head's gradient is the sum over its
     # G query heads, taken afterwards so no two programs write the same block.
     dk_heads, dv_heads = pl.pallas_call(
@@ -418,9 +427,8 @@ def flash_attention(q, k, v, q_seg, kv_seg, kv_valid, spec: FlashSpec):
       >>> import jax.numpy as jnp
       >>> q = jnp.ones((1, 32, 2, 16)); kv = jnp.ones((1, 32, 1, 16))
       >>> spec = FlashSpec(scale=0.25, offset=0, left=None, right=0, softcap=None,
-      ...                  seq_q=32, seq_kv=32, block_q=16, block_kv=16,
-      ...                  block_q_dq=16, block_kv_dq=16, block_q_dkv=16,
-      ...                  block_kv_dkv=16, interpret=True)
+      ...                  seq_q=32, seq_kv=32, tiles=Tiles(16, 16, 16, 16, 16, 16),
+      ...                  interpret=True)
       >>> out, lse = flash_attention(q, kv, kv, None, None, None, spec)
       >>> out.shape, lse.shape
       ((1, 32, 2, 16), (1, 2, 32))

@@ -33,19 +33,7 @@ NAME = "pallas"
 MAX_HEAD_DIM = 256
 
 
-@dataclasses.dataclass(frozen=True)
-class Tiles:
-    """Tile sizes (powers of two, >= 16) and Triton launch parameters."""
-
-    block_q: int = 128
-    block_kv: int = 64
-    block_q_dq: int = 64
-    block_kv_dq: int = 64
-    block_q_dkv: int = 64
-    block_kv_dkv: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
-
+Tiles = fk.Tiles
 
 # The best of the sweep in scripts/gpu_pallas.py on an H200 (docs/benchmarks.md): at
 # T=16384, H=128, bf16 it gave 379-395 TFLOP/s forward and 361-371 forward+backward;
@@ -133,10 +121,13 @@ def spec_for(call: AttentionCall, tiles: Tiles = DEFAULT_TILES, *, interpret: bo
         scale=float(call.scale),
         offset=int(call.query_offset) if isinstance(call.query_offset, int) else 0,
         left=left, right=right, softcap=call.logits_soft_cap, seq_q=s["T"], seq_kv=s["S"],
-        block_q=min(tiles.block_q, clip_q), block_kv=min(tiles.block_kv, clip_kv),
-        block_q_dq=min(tiles.block_q_dq, clip_q), block_kv_dq=min(tiles.block_kv_dq, clip_kv),
-        block_q_dkv=min(tiles.block_q_dkv, clip_q), block_kv_dkv=min(tiles.block_kv_dkv, clip_kv),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages, interpret=interpret,
+        tiles=dataclasses.replace(
+            tiles,
+            block_q=min(tiles.block_q, clip_q), block_kv=min(tiles.block_kv, clip_kv),
+            block_q_dq=min(tiles.block_q_dq, clip_q), block_kv_dq=min(tiles.block_kv_dq, clip_kv),
+            block_q_dkv=min(tiles.block_q_dkv, clip_q), block_kv_dkv=min(tiles.block_kv_dkv, clip_kv),
+        ),
+        interpret=interpret,
     )
 
 
@@ -145,10 +136,12 @@ def run(call: AttentionCall, platform: str, *, tiles: Tiles = DEFAULT_TILES, int
     ``interpret`` defaults to True off a GPU (the Pallas interpreter, for tests)."""
     interpret = platform != "gpu" if interpret is None else interpret
     spec = spec_for(call, tiles, interpret=interpret)
+    t = spec.tiles
     s = call.shape
     B, T, S, H = s["B"], s["T"], s["S"], s["H"]
-    Tp = -(-T // max(spec.block_q, spec.block_q_dq, spec.block_q_dkv)) * max(spec.block_q, spec.block_q_dq, spec.block_q_dkv)
-    Sp = -(-S // max(spec.block_kv, spec.block_kv_dq, spec.block_kv_dkv)) * max(spec.block_kv, spec.block_kv_dq, spec.block_kv_dkv)
+    q_multiple = max(t.block_q, t.block_q_dq, t.block_q_dkv)  # all powers of two
+    kv_multiple = max(t.block_kv, t.block_kv_dq, t.block_kv_dkv)
+    Tp, Sp = -(-T // q_multiple) * q_multiple, -(-S // kv_multiple) * kv_multiple
     Hp = _pow2_at_least(H)
 
     q = _pad_axis(_pad_axis(call.query, 1, Tp), 3, Hp)
