@@ -10,7 +10,9 @@ softmax), so no ``[T, S]`` array ever exists:
 Backward (`jax.custom_vjp`): only ``out`` and ``lse`` are saved; each block's
 probabilities are recomputed as ``p = e^(s - lse)``, then
 ``dV += pᵀ·dO``, ``dP = dO·Vᵀ``, ``dS = p ∘ (dP - rowsum(dO ∘ out))`` and
-``(dQ, dK, dbias, dscore_mod) = vjp(scores)(dS)``.
+``(dQ, dK, dbias, dscore_mod) = vjp(scores)(dS)``.  Plain scores (no bias, no
+score_mod) take a hand-written path on the transposed tile instead, which XLA runs
+faster on a CPU (`_head_backward_tile_transposed`).
 
 Tiles are classified once from the mask (`jattn.masks.Mask.block_kinds`): EMPTY tiles
 are never visited, FULL tiles skip mask evaluation, PARTIAL tiles evaluate it.  When
@@ -128,6 +130,36 @@ def _head_backward_tile(s, v, do, lse, delta, dense_mask, head, batch_index, mas
     return ds, dv
 
 
+def _head_backward_tile_transposed(q, k, v, do, lse, delta, dense_mask, head, batch_index, mask, rng,
+                                   q_idx, kv_idx, *, masked, rate, scale, num_kv):
+    """The whole backward of one tile for one head when scores are plain
+    ``scale·q·kᵀ`` (no bias, no score_mod): returns (dQ [bq, H], dK [bk, H],
+    dV [bk, Hv]), all float32.
+
+    It works on the transposed tile ``sᵀ [bk, bq]``: then ``dV = pᵀ·dO`` and
+    ``dK = dSᵀ·Q`` contract the last axis of a row-major operand, which XLA's CPU
+    matmuls run about 2x faster than contracting its first axis (measured:
+    a [8, 512, 256] tile's backward in 3.6 ms against 4.8 ms via `jax.vjp`)."""
+    dtype = jnp.promote_types(jnp.promote_types(q.dtype, k.dtype), jnp.float32)
+    s_t = jnp.einsum("sh,th->st", k, q, preferred_element_type=dtype) * jnp.asarray(scale, dtype)
+    allowed, keep = _head_tile_masks(dense_mask, head, batch_index, mask, rng, q_idx, kv_idx,
+                                     masked=masked, rate=rate, num_kv=num_kv)
+    p_t = jnp.exp(s_t - lse[None, :])
+    if allowed is not None:
+        p_t = jnp.where(allowed.T, p_t, 0.0)
+    dp_t = jnp.einsum("sh,th->st", v, do, preferred_element_type=dtype)
+    p_used = p_t
+    if keep is not None:
+        p_used = jnp.where(keep.T, p_t / (1.0 - rate), 0.0)
+        dp_t = jnp.where(keep.T, dp_t / (1.0 - rate), 0.0)
+    dv = jnp.einsum("st,th->sh", p_used.astype(do.dtype), do, preferred_element_type=dtype)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = jnp.einsum("st,th->sh", ds_t.astype(q.dtype), q, preferred_element_type=dtype)
+    dq = jnp.einsum("st,sh->th", ds_t.astype(k.dtype), k, preferred_element_type=dtype)
+    # Scaling the [bq, H] / [bk, H] results, not the [bk, bq] tile.
+    return dq * jnp.asarray(scale, dtype), dk * jnp.asarray(scale, dtype), dv
+
+
 # ------------------------------------------------------------------------ tile tables
 def _block_table(call, mask, mask_axes, dense_mask, num_q_blocks, num_kv_blocks, bq, bk):
     """EMPTY / PARTIAL / FULL code per (q block, kv block), for the whole batch.
@@ -238,6 +270,8 @@ def run(call: AttentionCall, platform: str):
     v_tiles = v.reshape(B, K, nk, bk, -1).transpose(2, 0, 1, 3, 4)
 
     sm_leaves, rebuild_score_mod = _split_differentiable(score_mod)
+    # Scores are scale·q·kᵀ and nothing else: the backward can skip jax.vjp (below).
+    plain_scores = score_mod is None and g["bias"] is None
     sizes = H.head_sizes(call)
     rate = call.dropout_rate
     Q, KV, SHARED = H.PER_QUERY_HEAD, H.PER_KV_HEAD, H.SHARED
@@ -337,6 +371,13 @@ def run(call: AttentionCall, platform: str):
         def tile(i, j, _, masked):
             """This tile's contributions to (dQ_i, dK_j, dV_j, dbias_ij, dscore_mod)."""
             context, (rng_, q_idx, kv_idx) = tile_context(i, j, dense_mask, rng)
+            if plain_scores:
+                grad = functools.partial(_head_backward_tile_transposed, masked=masked, rate=rate,
+                                         scale=call.scale, num_kv=S)
+                dq_t, dk_t, dv_t = H.vmap_heads(
+                    grad, Q, KV, KV, Q, Q, Q, *context_axes, *index_axes, sizes=sizes,
+                )(q_tiles[i], k_tiles[j], v_tiles[j], d_out[i], lse_safe[i], delta[i], *context, rng_, q_idx, kv_idx)
+                return dq_t, dk_t.sum(axis=2), dv_t.sum(axis=2), None, []
             scores_fn = lambda q_, k_, b_, sm_: tile_scores(q_, k_, b_, sm_, q_idx, kv_idx)
             bias_t = _tile_of(bias, i, j, bq, bk)
             s_, scores_vjp = jax.vjp(scores_fn, q_tiles[i], k_tiles[j], bias_t, sm_leaves)
