@@ -117,9 +117,33 @@ def vmap_heads(fn, *axes, sizes: tuple[int, int, int]):
     """
     batch_axes, kv_axes, group_axes = zip(*axes)
     B, K, G = sizes
-    over_groups = jax.vmap(fn, in_axes=group_axes, axis_size=G)
-    over_kv = jax.vmap(over_groups, in_axes=kv_axes, axis_size=K)
-    return jax.vmap(over_kv, in_axes=batch_axes, axis_size=B)
+    over_groups = _map_level(fn, group_axes, G)
+    over_kv = _map_level(over_groups, kv_axes, K)
+    return _map_level(over_kv, batch_axes, B)
+
+
+def _map_level(fn, in_axes: tuple, size: int):
+    """``jax.vmap(fn, in_axes, axis_size=size)``; a level of size 1 is a plain call on
+    the arguments indexed at 0 instead, outputs given a leading axis of 1.  Same
+    values, but XLA's CPU dots run a [1, K, 1, ...] batch through copies to a canonical
+    layout, so nested size-1 vmaps cost ~30% of a chunked backward tile (measured:
+    4.7 against 3.6 ms for B=1, K=8, G=1)."""
+    if size != 1:
+        return jax.vmap(fn, in_axes=in_axes, axis_size=size)
+
+    def take_first(axis, arg):
+        if axis is None:
+            return arg
+        return jax.tree_util.tree_map(lambda x: jax.lax.index_in_dim(x, 0, axis, keepdims=False), arg)
+
+    def call(*args):
+        args = [
+            jax.tree_util.tree_map(take_first, axis, arg, is_leaf=lambda x: x is None)
+            for axis, arg in zip(in_axes, args)
+        ]
+        return jax.tree_util.tree_map(lambda x: jnp.expand_dims(x, 0), fn(*args))
+
+    return call
 
 
 def head_sizes(call: AttentionCall) -> tuple[int, int, int]:
