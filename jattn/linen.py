@@ -40,11 +40,14 @@ from jattn.cache import KVCache
 from jattn.nnx import (  # the helpers shared with the NNX modules
     LOGICAL_AXIS_RULES,
     _attend,
+    _attention_kwargs,
     _check_attention_options,
     _check_dropout_rate,
     _check_features,
+    _check_kv_and_decode,
     _check_rope,
     _check_self_attention_args,
+    _default_inputs,
     _pack_outputs,
     _resolve_heads,
     attention_fn,
@@ -172,23 +175,14 @@ class MultiHeadAttention(nn.Module):
           ``out [B, T, F]``; ``(out, new_cache)`` with a cache; with
           ``return_weights`` the weights ``[B, N, T, S]`` are appended.
         """
-        self_attention = inputs_k is None
-        if inputs_k is None:
-            if inputs_v is not None:
-                raise ValueError("inputs_k: None while inputs_v is given; pass inputs_k too (inputs_v defaults to inputs_k)")
-            inputs_k = inputs_q
-        if inputs_v is None:
-            inputs_v = inputs_k
+        inputs_k, inputs_v, self_attention = _default_inputs(inputs_q, inputs_k, inputs_v)
         if jnp.ndim(inputs_q) < 2:
             raise ValueError(f"inputs_q: got shape {jnp.shape(inputs_q)}; expected [B, T, D]")
         for name, x, proj in (("inputs_q", inputs_q, "query"), ("inputs_k", inputs_k, "key"), ("inputs_v", inputs_v, "value")):
             trained = self._trained_features(proj)
             if trained is not None:
                 _check_features(name, x, trained, f"the {trained} features the module was initialised with")
-        if inputs_k.shape[:-1] != inputs_v.shape[:-1]:
-            raise ValueError(f"inputs_v: got shape {inputs_v.shape}; expected {inputs_k.shape[:-1]} + (features,) like inputs_k")
-        if decode is False and cache is not None:
-            raise ValueError("decode: False was passed together with a cache; drop one of them")
+        _check_kv_and_decode(inputs_k, inputs_v, decode, cache)
         decode = self.decode if decode is None else decode
         _check_dropout_rate(self.dropout_rate)
         N, K, H = self._heads(inputs_q.shape[-1])
@@ -222,14 +216,12 @@ class MultiHeadAttention(nn.Module):
                 dropout_rng = self.make_rng("dropout")
         if self.dropout_rate == 0.0 or deterministic:
             dropout_rng = None
-        attention_kwargs = dict(
+        attention_kwargs = _attention_kwargs(
             bias=bias, mask=mask, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
             key_value_seq_lengths=key_value_seq_lengths, query_segment_ids=query_segment_ids,
             key_value_segment_ids=key_value_segment_ids, local_window_size=local_window_size,
             query_offset=query_offset, score_mod=score_mod, logits_soft_cap=self.logits_soft_cap,
-            implementation=self.implementation,
-            dropout_rate=self.dropout_rate if dropout_rng is not None else 0.0,
-            dropout_rng=dropout_rng,
+            implementation=self.implementation, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
         )
         out, new_cache, weights = _attend(
             query, key, value, self_attention=self_attention, use_rope=self.use_rope,

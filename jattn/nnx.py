@@ -257,6 +257,35 @@ def _attend(
     return out, None, weights
 
 
+def _default_inputs(inputs_q, inputs_k, inputs_v):
+    """``(inputs_k, inputs_v, self_attention)``: keys default to the queries and values
+    to the keys; values without keys are an error."""
+    self_attention = inputs_k is None
+    if inputs_k is None:
+        if inputs_v is not None:
+            raise ValueError("inputs_k: None while inputs_v is given; pass inputs_k too (inputs_v defaults to inputs_k)")
+        inputs_k = inputs_q
+    if inputs_v is None:
+        inputs_v = inputs_k
+    return inputs_k, inputs_v, self_attention
+
+
+def _check_kv_and_decode(inputs_k, inputs_v, decode, cache) -> None:
+    if inputs_k.shape[:-1] != inputs_v.shape[:-1]:
+        raise ValueError(f"inputs_v: got shape {inputs_v.shape}; expected {inputs_k.shape[:-1]} + (features,) like inputs_k")
+    if decode is False and cache is not None:
+        raise ValueError("decode: False was passed together with a cache; drop one of them")
+
+
+def _attention_kwargs(*, logits_soft_cap, implementation, dropout_rate, dropout_rng, **call_args) -> dict:
+    """The `dot_product_attention` arguments of a module call: the call's mask and
+    position arguments, the module's options, and dropout only with a key."""
+    return dict(
+        call_args, logits_soft_cap=logits_soft_cap, implementation=implementation,
+        dropout_rate=dropout_rate if dropout_rng is not None else 0.0, dropout_rng=dropout_rng,
+    )
+
+
 def _pack_outputs(out, new_cache, weights, *, with_cache: bool, return_weights: bool):
     """``out`` | ``(out, new_cache)`` | ``(out, weights)`` | ``(out, new_cache, weights)``."""
     result = (out,)
@@ -729,13 +758,7 @@ class MultiHeadAttention(nnx.Module):
           ``return_weights`` the weights are appended: ``(out, weights)`` or
           ``(out, new_cache, weights)``.
         """
-        self_attention = inputs_k is None
-        if inputs_k is None:
-            if inputs_v is not None:
-                raise ValueError("inputs_k: None while inputs_v is given; pass inputs_k too (inputs_v defaults to inputs_k)")
-            inputs_k = inputs_q
-        if inputs_v is None:
-            inputs_v = inputs_k
+        inputs_k, inputs_v, self_attention = _default_inputs(inputs_q, inputs_k, inputs_v)
         _check_features("inputs_q", inputs_q, self.in_features, "in_features")
         if self_attention and self.in_kv_features != self.in_features:
             raise ValueError(
@@ -745,10 +768,7 @@ class MultiHeadAttention(nnx.Module):
             )
         _check_features("inputs_k", inputs_k, self.in_kv_features, "in_kv_features")
         _check_features("inputs_v", inputs_v, self.in_kv_features, "in_kv_features")
-        if inputs_k.shape[:-1] != inputs_v.shape[:-1]:
-            raise ValueError(f"inputs_v: got shape {inputs_v.shape}; expected {inputs_k.shape[:-1]} + (features,) like inputs_k")
-        if decode is False and cache is not None:
-            raise ValueError("decode: False was passed together with a cache; drop one of them")
+        _check_kv_and_decode(inputs_k, inputs_v, decode, cache)
         decode = self.decode if decode is None else decode
 
         query = self.query(inputs_q)
@@ -757,13 +777,12 @@ class MultiHeadAttention(nnx.Module):
         if self.query_norm is not None:
             query, key = self.query_norm(query), self.key_norm(key)
         dropout_rng = self._dropout_rng(deterministic, rngs)
-        attention_kwargs = dict(
+        attention_kwargs = _attention_kwargs(
             bias=bias, mask=mask, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
             key_value_seq_lengths=key_value_seq_lengths, query_segment_ids=query_segment_ids,
             key_value_segment_ids=key_value_segment_ids, local_window_size=local_window_size,
             query_offset=query_offset, score_mod=score_mod, logits_soft_cap=self.logits_soft_cap,
-            implementation=self.implementation, dropout_rate=self.dropout_rate if dropout_rng is not None else 0.0,
-            dropout_rng=dropout_rng,
+            implementation=self.implementation, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
         )
         out, new_cache, weights = _attend(
             query, key, value, self_attention=self_attention, use_rope=self.use_rope,
