@@ -152,9 +152,24 @@ def q_block_range(spec: FlashSpec, kv_block, block_q: int, block_kv: int, num_q_
     return lo, full_lo, full_hi, hi
 
 
-def _tile_mask(spec: FlashSpec, rows, cols, q_seg, kv_seg, kv_valid, band: bool, need_padding: bool):
+def _load(ref, index=...):
+    """``ref[index]`` for an optional input (None stays None)."""
+    return None if ref is None else ref[index]
+
+
+def _visit_blocks(bounds, step, carry):
+    """Fold ``step(block, carry, band)`` over the blocks ``(lo, full_lo, full_hi, hi)``
+    of `kv_block_range` / `q_block_range`: the band mask only where it can cut."""
+    lo, full_lo, full_hi, hi = bounds
+    carry = lax.fori_loop(lo, full_lo, functools.partial(step, band=True), carry)
+    carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, band=False), carry)
+    return lax.fori_loop(full_hi, hi, functools.partial(step, band=True), carry)
+
+
+def _tile_mask(spec: FlashSpec, rows, cols, q_seg, kv_seg, kv_valid, band: bool):
     """Boolean ``[bq, bk]`` of allowed (row, col) pairs, or None when all are allowed.
-    ``rows`` / ``cols``: global indices ``[bq]`` / ``[bk]``."""
+    ``rows`` / ``cols``: global indices ``[bq]`` / ``[bk]``.  ``band``: the tile may be
+    cut by the band or hold padded keys (blocks outside [full_lo, full_hi))."""
     mask = None
 
     def both(a, b):
@@ -166,7 +181,7 @@ def _tile_mask(spec: FlashSpec, rows, cols, q_seg, kv_seg, kv_valid, band: bool,
             mask = both(mask, d <= spec.right)
         if spec.left is not None:
             mask = both(mask, d >= -spec.left)
-    if need_padding and kv_valid is None:
+    if band and kv_valid is None:
         mask = both(mask, jnp.broadcast_to(cols[None, :] < spec.seq_kv, (rows.shape[0], cols.shape[0])))
     if kv_valid is not None:
         mask = both(mask, jnp.broadcast_to(kv_valid[None, :] != 0, (rows.shape[0], cols.shape[0])))
@@ -185,6 +200,15 @@ def _scores(spec: FlashSpec, q, k):
     return t * (spec.softcap * LOG2_E), t
 
 
+def _masked_scores(spec: FlashSpec, q, k, rows, cols, q_seg, kv_seg, kv_valid, band: bool):
+    """`_scores` with disallowed entries at -inf."""
+    s, t = _scores(spec, q, k)
+    mask = _tile_mask(spec, rows, cols, q_seg, kv_seg, kv_valid, band)
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+    return s, t
+
+
 # ---------------------------------------------------------------- forward
 
 
@@ -194,24 +218,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, kv_valid_ref, o_
     num_kv_blocks = k_ref.shape[0] // bk
     rows = i * bq + jnp.arange(bq)
     q = q_ref[...]
-    q_seg = None if q_seg_ref is None else q_seg_ref[...]
+    q_seg = _load(q_seg_ref)
     hp = v_ref.shape[-1]
 
     def step(j, carry, band):
         acc, m, l = carry
         start = pl.multiple_of(j * bk, bk)
         kv_slice = pl.ds(start, bk)
-        k = k_ref[kv_slice, :]
-        s, _ = _scores(spec, q, k)
-        cols = start + jnp.arange(bk)
-        mask = _tile_mask(
-            spec, rows, cols, q_seg,
-            None if kv_seg_ref is None else kv_seg_ref[kv_slice],
-            None if kv_valid_ref is None else kv_valid_ref[kv_slice],
-            band=band, need_padding=band,
-        )
-        if mask is not None:
-            s = jnp.where(mask, s, -jnp.inf)
+        s, _ = _masked_scores(spec, q, k_ref[kv_slice, :], rows, start + jnp.arange(bk), q_seg,
+                              _load(kv_seg_ref, kv_slice), _load(kv_valid_ref, kv_slice), band)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         # A row with nothing visible yet keeps m = -inf; shift by 0 there to avoid inf - inf.
         shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -222,11 +237,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, kv_valid_ref, o_
         acc = acc * correction[:, None] + pl_triton.dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
-    lo, full_lo, full_hi, hi = kv_block_range(spec, i, bq, bk, num_kv_blocks)
     carry = (jnp.zeros((bq, hp), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
-    carry = lax.fori_loop(lo, full_lo, functools.partial(step, band=True), carry)
-    carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, band=False), carry)
-    acc, m, l = lax.fori_loop(full_hi, hi, functools.partial(step, band=True), carry)
+    acc, m, l = _visit_blocks(kv_block_range(spec, i, bq, bk, num_kv_blocks), step, carry)
     empty = l == 0.0
     o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, l)))
@@ -266,10 +278,7 @@ def _forward(q, k, v, q_seg, kv_seg, kv_valid, spec: FlashSpec):
 def _probabilities(spec, q, k, lse, rows, cols, q_seg, kv_seg, kv_valid, band):
     """``p [bq, bk]`` recomputed from the saved lse₂ (+inf on empty rows, so p = 0
     there), and the soft-cap's tanh (or None)."""
-    s, t = _scores(spec, q, k)
-    mask = _tile_mask(spec, rows, cols, q_seg, kv_seg, kv_valid, band=band, need_padding=band)
-    if mask is not None:
-        s = jnp.where(mask, s, -jnp.inf)
+    s, t = _masked_scores(spec, q, k, rows, cols, q_seg, kv_seg, kv_valid, band)
     return jnp.exp2(s - lse[:, None]), t
 
 
@@ -288,26 +297,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_se
     num_kv_blocks = k_ref.shape[0] // bk
     rows = i * bq + jnp.arange(bq)
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-    q_seg = None if q_seg_ref is None else q_seg_ref[...]
+    q_seg = _load(q_seg_ref)
 
     def step(j, dq, band):
         start = pl.multiple_of(j * bk, bk)
         kv_slice = pl.ds(start, bk)
         k, v = k_ref[kv_slice, :], v_ref[kv_slice, :]
-        p, t = _probabilities(
-            spec, q, k, lse, rows, start + jnp.arange(bk), q_seg,
-            None if kv_seg_ref is None else kv_seg_ref[kv_slice],
-            None if kv_valid_ref is None else kv_valid_ref[kv_slice], band,
-        )
+        p, t = _probabilities(spec, q, k, lse, rows, start + jnp.arange(bk), q_seg,
+                              _load(kv_seg_ref, kv_slice), _load(kv_valid_ref, kv_slice), band)
         dp = pl_triton.dot(do, v, trans_b=True)
         ds = _score_grad(spec, p, dp, delta, t)
         return dq + pl_triton.dot(ds.astype(k.dtype), k)
 
-    lo, full_lo, full_hi, hi = kv_block_range(spec, i, bq, bk, num_kv_blocks)
-    dq = jnp.zeros(q.shape, jnp.float32)
-    dq = lax.fori_loop(lo, full_lo, functools.partial(step, band=True), dq)
-    dq = lax.fori_loop(full_lo, full_hi, functools.partial(step, band=False), dq)
-    dq = lax.fori_loop(full_hi, hi, functools.partial(step, band=True), dq)
+    dq = _visit_blocks(kv_block_range(spec, i, bq, bk, num_kv_blocks), step, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
 
 
@@ -319,8 +321,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_s
     start = j * bk
     cols = start + jnp.arange(bk)
     k, v = k_ref[...], v_ref[...]
-    kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
-    kv_valid = None if kv_valid_ref is None else kv_valid_ref[...]
+    kv_seg, kv_valid = _load(kv_seg_ref), _load(kv_valid_ref)
 
     def step(i, carry, band):
         dk, dv = carry
@@ -329,7 +330,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_s
         q, do = q_ref[q_slice, :], do_ref[q_slice, :]
         p, t = _probabilities(
             spec, q, k, lse_ref[q_slice], q_start + jnp.arange(bq), cols,
-            None if q_seg_ref is None else q_seg_ref[q_slice], kv_seg, kv_valid, band,
+            _load(q_seg_ref, q_slice), kv_seg, kv_valid, band,
         )
         dv = dv + pl_triton.dot(p.astype(do.dtype), do, trans_a=True)
         dp = pl_triton.dot(do, v, trans_b=True)
@@ -337,11 +338,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_s
         dk = dk + pl_triton.dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
-    lo, full_lo, full_hi, hi = q_block_range(spec, j, bq, bk, num_q_blocks)
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    carry = lax.fori_loop(lo, full_lo, functools.partial(step, band=True), carry)
-    carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, band=False), carry)
-    dk, dv = lax.fori_loop(full_hi, hi, functools.partial(step, band=True), carry)
+    dk, dv = _visit_blocks(q_block_range(spec, j, bq, bk, num_q_blocks), step, carry)
     dk_ref[...] = dk * spec.scale
     dv_ref[...] = dv
 
