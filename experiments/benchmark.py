@@ -68,7 +68,7 @@ STATUSES = ("ok", "skipped", "error", "oom", "killed", "timeout")
 # A case is stopped when the machine has less than this much memory available.
 MIN_AVAILABLE_BYTES = 512 * 2**20
 _POLL_S = 0.05
-# Shortest timed sample: faster calls are looped within one sample (see _time_calls).
+# Shortest timed sample: faster calls are looped within one sample (see time_calls).
 MIN_SAMPLE_S = 0.01
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -210,7 +210,7 @@ def _normal(rng, shape: tuple[int, ...], dtype: str):
     return jax.device_put(rng.standard_normal(shape, dtype=np.float32).astype(jnp.dtype(dtype)))
 
 
-def _time_calls(fn: Callable, args: tuple, warmups: int, repeats: int) -> list[float]:
+def time_calls(fn: Callable, args: tuple, warmups: int, repeats: int) -> list[float]:
     """Per-call seconds of ``repeats`` samples, after ``warmups`` untimed calls (at
     least one).  A sample loops enough calls to last `MIN_SAMPLE_S` (judged from the
     last warm-up) and waits for the last one, so sub-millisecond GPU calls are timed
@@ -336,7 +336,7 @@ def run_case(case: Case) -> dict:
             res["xla_temp_bytes"] = compiled.memory_analysis().temp_size_in_bytes
         except Exception:  # noqa: BLE001 - an optional figure; some backends lack it
             res["xla_temp_bytes"] = None
-        res.update(_timing_fields(_time_calls(compiled, args, case.warmups, case.repeats)))
+        res.update(_timing_fields(time_calls(compiled, args, case.warmups, case.repeats)))
         res["status"] = "ok"
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a row
         res.update(_error_fields(exc))
@@ -374,7 +374,7 @@ def run_matmul(n: int, dtype: str, repeats: int, warmups: int = 1) -> dict:
             rng = np.random.default_rng(0)
             a, b = _normal(rng, (n, n), dtype), _normal(rng, (n, n), dtype)
             compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-            res.update(_timing_fields(_time_calls(compiled, (a, b), warmups, repeats)))
+            res.update(_timing_fields(time_calls(compiled, (a, b), warmups, repeats)))
             res.update(n=n, dtype=dtype, flops=2 * n**3)
             res["flops_per_s"] = res["flops"] / (res["median_ms"] / 1e3)
         res["status"] = "ok"

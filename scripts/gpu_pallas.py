@@ -1,9 +1,11 @@
 """In-process GPU timings of the Pallas backend against its peers, for a short device
-lease.  ``python3 scripts/gpu_pallas.py [budget_s] [--dry-run]``.
+lease.  ``PYTHONPATH=. python3 scripts/gpu_pallas.py [budget_s] [--dry-run]`` (from the
+repository root, or with jattn installed).
 
 Shapes as issue 3's GPU target: bf16, B=1, N=16, H=128, plus decoding rows.  Each
-row: jit, one warm-up call (compile), then the median of 5 samples, each a loop of
-enough calls to last 10 ms (block_until_ready at its end), divided by the calls.  FLOPs as in
+row: jit, one warm-up call (compile), then the median of 5 samples timed as the
+benchmark experiment times them (`experiments.benchmark.time_calls`: calls under
+10 ms are looped within a sample).  FLOPs as in
 experiments/benchmark.py (forward 4·B·N·T·S·H, halved when causal; forward+backward
 3.5x forward).  Rows print as they finish and in priority order, so a stopped run
 still reports what matters most; a failing case is a row, not a crash.  The summary
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import jattn
+from experiments.benchmark import time_calls
 from jattn.attention import make_call
 from jattn.backends import pallas
 
@@ -53,23 +56,6 @@ def _inputs(T, S=None, b=B, n=N, kv_heads=None):
             jax.random.normal(ks[2], (b, S, kv_heads, H), jnp.bfloat16))
 
 
-def _median_seconds(run, args, min_sample_s=0.01):
-    """Median over 5 samples of one call's time; each sample loops enough calls to
-    last ``min_sample_s``, so launch overhead and clock noise average out."""
-    jax.block_until_ready(run(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(run(*args))
-    calls = max(1, int(min_sample_s / max(time.perf_counter() - t0, 1e-6)))
-    samples = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            out = run(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / calls)
-    return statistics.median(samples)
-
-
 def time_case(T, causal, mode, impl, tiles=None, softcap=None, shape=None):
     """(ms, TFLOP/s).  ``shape``: dict(S=, b=, n=, kv_heads=, offset=) for decoding rows."""
     shape = dict(shape or {})
@@ -83,7 +69,7 @@ def time_case(T, causal, mode, impl, tiles=None, softcap=None, shape=None):
         run = jax.jit(f)
     else:
         run = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
-    ms = _median_seconds(run, (q, k, v)) * 1e3
+    ms = statistics.median(time_calls(run, (q, k, v), warmups=1, repeats=5)) * 1e3
     b, _, n, _ = q.shape
     S = k.shape[1]
     flops = 4 * b * n * T * S * H / (2 if causal and S == T else 1) * (3.5 if mode == "fwd+bwd" else 1.0)
