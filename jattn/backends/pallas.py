@@ -152,8 +152,9 @@ def run(call: AttentionCall, platform: str, *, tiles: Tiles = DEFAULT_TILES, int
         q_seg = _pad_axis(jnp.broadcast_to(call.segment_ids[0], (B, T)).astype(jnp.int32), 1, Tp)
         kv_seg = _pad_axis(jnp.broadcast_to(call.segment_ids[1], (B, S)).astype(jnp.int32), 1, Sp)
     if call.key_value_seq_lengths is not None:
-        kv_valid = (jnp.arange(Sp)[None, :] < call.key_value_seq_lengths[:, None]).astype(jnp.int32)
-        kv_valid = kv_valid & (jnp.arange(Sp) < S)[None, :].astype(jnp.int32)
+        # Also 0 on padded keys, whatever the (possibly traced) lengths say.
+        real_length = jnp.minimum(call.key_value_seq_lengths, S)
+        kv_valid = (jnp.arange(Sp)[None, :] < real_length[:, None]).astype(jnp.int32)
 
     out, lse = fk.flash_attention(q, k, v, q_seg, kv_seg, kv_valid, spec)
     out = out[:, :T, :, :H]
