@@ -5,13 +5,12 @@
 writes into the run folder
 
 - ``loss.png``: training loss (mean of each logging window) and held-out loss against
-  the step; for ``lm`` in bits per byte with the bigram reference as a dashed line;
-  for ``recall`` / ``sort`` a second panel with held-out accuracy and exact match and
-  the config's target;
-- ``attention.png``: the attention weights of every layer and head of the trained
-  model (latest checkpoint) on one held-out example; for ``recall`` each panel's
-  title gives the weight the query puts on the value it must retrieve, and that cell
-  is framed: the retrieving head stands out.
+  the step, and what the task's `LossPlot` adds (a reference line such as the bigram
+  model's bits per byte; a second panel of held-out accuracies with the config's
+  target);
+- ``attention.png``: the attention maps the task draws (`Task.attention_figure`) for
+  the trained model (latest checkpoint) on one held-out example, one row of heads per
+  attention layer.
 
 `experiments.train` calls `plot_run` at the end of training.
 """
@@ -19,52 +18,49 @@ writes into the run folder
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import pathlib
 
-import jax
-import numpy as np
-from flax import nnx
 from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 from matplotlib.patches import Rectangle
 
 from experiments import config as config_lib
-from experiments import train as train_lib
+from experiments import run as run_lib
+from experiments import tasks
+from experiments.tasks.base import AttentionFigure
 
 
 def read_metrics(run: pathlib.Path) -> tuple[list[dict], list[dict]]:
     """``(train rows, eval rows)`` of ``metrics.jsonl``."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = run_lib.read_metrics(run / "metrics.jsonl")
     return [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "eval"]
 
 
 def plot_losses(run: pathlib.Path, cfg) -> pathlib.Path:
     """``loss.png`` of a run folder."""
     train, evals = read_metrics(run)
-    lm = cfg.data.task == "lm"
-    ncols = 1 if lm else 2
+    spec = tasks.get(cfg.data.task).loss_plot
+    ncols = 2 if spec.panel else 1
     fig = Figure(figsize=(5.2 * ncols, 3.6), layout="constrained")
     axes = fig.subplots(1, ncols, squeeze=False)
     ax = axes[0, 0]
-    scale = 1 / math.log(2) if lm else 1.0
-    ax.plot([r["step"] for r in train], [r["loss"] * scale for r in train], label="train", lw=1.2)
-    ax.plot([r["step"] for r in evals], [r["loss"] * scale for r in evals], "o-", label="held-out", lw=1.2, ms=3)
-    if lm and evals and "bigram_bpb" in evals[-1]:
-        ax.axhline(evals[-1]["bigram_bpb"], ls="--", c="gray", label="bigram (held-out)")
-        if cfg.target.metric == "bpb_ratio":
-            ax.axhline(evals[-1]["bigram_bpb"] * cfg.target.value, ls=":", c="green",
-                       label=f"target ({cfg.target.value:g} x bigram)")
+    ax.plot([r["step"] for r in train], [r["loss"] * spec.scale for r in train], label="train", lw=1.2)
+    ax.plot([r["step"] for r in evals], [r["loss"] * spec.scale for r in evals], "o-", label="held-out", lw=1.2, ms=3)
+    if spec.reference and evals and spec.reference in evals[-1]:
+        reference = evals[-1][spec.reference]
+        ax.axhline(reference, ls="--", c="gray", label=spec.reference_label or spec.reference)
+        if cfg.target.metric == spec.ratio_target:
+            ax.axhline(reference * cfg.target.value, ls=":", c="green",
+                       label=f"target ({cfg.target.value:g} x {spec.reference_label or spec.reference})")
     ax.set_xlabel("step")
-    ax.set_ylabel("bits per byte" if lm else "cross-entropy (nats)")
+    ax.set_ylabel(spec.ylabel)
     ax.set_title(f"{cfg.name} (task {cfg.data.task})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    if not lm:
+    if spec.panel:
         ax = axes[0, 1]
-        ax.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", label="token accuracy", ms=3)
-        ax.plot([r["step"] for r in evals], [r["exact_match"] for r in evals], "s-", label="exact match", ms=3)
-        if cfg.target.metric in ("accuracy", "exact_match"):
+        for (metric, label), style in zip(spec.panel, ("o-", "s-", "^-", "v-")):
+            ax.plot([r["step"] for r in evals], [r[metric] for r in evals], style, label=label, ms=3)
+        if cfg.target.metric in dict(spec.panel):
             ax.axhline(cfg.target.value, ls=":", c="green", label=f"target {cfg.target.value:g}")
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("step")
@@ -76,70 +72,46 @@ def plot_losses(run: pathlib.Path, cfg) -> pathlib.Path:
     return path
 
 
-def recall_value_position(inputs_T: np.ndarray, num_pairs: int) -> int:
-    """In a recall example ``k1 v1 ... kn vn SEP ... q``, the position of the value
-    paired with the last query ``q``.
-
-    >>> recall_value_position(np.array([4, 10, 7, 11, 99, 7]), num_pairs=2)
-    3
-    """
-    (i,) = np.flatnonzero(inputs_T[: 2 * num_pairs : 2] == inputs_T[-1])
-    return 2 * int(i) + 1
+def attention_figure(run: pathlib.Path) -> tuple[object, AttentionFigure]:
+    """``(cfg, figure)``: the task's attention maps of the run's latest checkpoint on
+    its first held-out example."""
+    cfg, s, model, _ = run_lib.restore_model(run)
+    return cfg, s.task.attention_figure(model, run_lib.held_out_example(s))
 
 
-def recall_retrieval(weights: list[np.ndarray], inputs_T: np.ndarray, num_pairs: int) -> np.ndarray:
-    """The weight each (layer, head) puts, from the last query's row, on the value it
-    must retrieve -> ``[L, N]`` (weights: per layer ``[1, N, T, T]``).
-
-    >>> w = np.zeros((1, 2, 6, 6)); w[0, 1, 5, 3] = 0.9
-    >>> recall_retrieval([w], np.array([4, 10, 7, 11, 99, 7]), num_pairs=2)
-    array([[0. , 0.9]])
-    """
-    j = recall_value_position(inputs_T, num_pairs)
-    return np.stack([w[0, :, -1, j] for w in weights])
-
-
-def attention_example(run: pathlib.Path, max_tokens: int = 32):
-    """``(cfg, task, inputs [T], weights: list over layers of [1, N, T, T])`` of the
-    run's latest checkpoint on its first held-out example (an LM window is cut to
-    ``max_tokens`` bytes so the labels stay legible)."""
-    cfg, s, params, _ = train_lib.restore_params(run)
-    eval_set = jax.jit(lambda t: t.eval_set(train_lib.keys(cfg)["eval_data"], 1))(s.task)
-    inputs_1T = eval_set.inputs[:, :max_tokens] if cfg.data.task == "lm" else eval_set.inputs
-    model = nnx.merge(s.graphdef, params)
-    _, weights = model(inputs_1T, return_weights=True)
-    return cfg, s.task, np.asarray(inputs_1T[0]), [np.asarray(w, np.float32) for w in weights]
+def draw_attention(figure: AttentionFigure, title: str, path: pathlib.Path) -> pathlib.Path:
+    """Heatmaps, one row per `AttentionRow` and one column per head, into ``path``."""
+    rows = figure.rows
+    N = max(r.weights_NTS.shape[0] for r in rows)
+    T = max(max(r.weights_NTS.shape[1:]) for r in rows)
+    size = 2.2 if T <= 24 else 3.0
+    fig = Figure(figsize=(size * N + 0.6, (size + 0.5) * len(rows) + 0.6), layout="constrained")
+    axes = fig.subplots(len(rows), N, squeeze=False)
+    for i, row in enumerate(rows):
+        for head in range(N):
+            ax = axes[i, head]
+            if head >= row.weights_NTS.shape[0]:
+                ax.set_axis_off()
+                continue
+            ax.imshow(row.weights_NTS[head], cmap="viridis", vmin=0.0, vmax=1.0)
+            text = f"{row.name} head {head + 1}"
+            if row.head_notes:
+                text += f"\n{row.head_notes[head]}"
+            if row.mark is not None:
+                t, s = row.mark
+                ax.add_patch(Rectangle((s - 0.5, t - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
+            ax.set_title(text, fontsize=8)
+            ax.set_xticks(range(len(row.key_labels)), row.key_labels, fontsize=6, rotation=90)
+            ax.set_yticks(range(len(row.query_labels)), row.query_labels, fontsize=6)
+    fig.suptitle(f"{title}: attention weights (rows: queries, columns: keys); {figure.caption}", fontsize=9)
+    fig.savefig(path, dpi=90)
+    return path
 
 
 def plot_attention(run: pathlib.Path) -> pathlib.Path:
     """``attention.png`` of a run folder."""
-    cfg, task, inputs_T, weights = attention_example(run)
-    L, N, T = len(weights), weights[0].shape[1], inputs_T.shape[0]
-    labels = [task.token_label(t) for t in inputs_T]
-    recall = task.name == "recall"
-    retrieval = recall_retrieval(weights, inputs_T, task.num_pairs) if recall else None
-    size = 2.2 if T <= 24 else 3.0
-    fig = Figure(figsize=(size * N + 0.6, (size + 0.5) * L + 0.6), layout="constrained")
-    axes = fig.subplots(L, N, squeeze=False)
-    for layer in range(L):
-        for head in range(N):
-            ax = axes[layer, head]
-            ax.imshow(weights[layer][0, head], cmap="viridis", vmin=0.0, vmax=1.0)
-            title = f"layer {layer + 1} head {head + 1}"
-            if retrieval is not None:
-                title += f"\nquery -> value: {retrieval[layer, head]:.2f}"
-                j = recall_value_position(inputs_T, task.num_pairs)
-                ax.add_patch(Rectangle((j - 0.5, T - 1.5), 1, 1, fill=False, ec="red", lw=1.5))
-            ax.set_title(title, fontsize=8)
-            ax.set_xticks(range(T), labels, fontsize=6, rotation=90)
-            ax.set_yticks(range(T), labels, fontsize=6)
-    what = {"recall": "keys kI, values vI, '?' = SEP, then queries and answers; red: the last query's value",
-            "sort": "prompt, '>' = SEP, then the sorted answer",
-            "lm": "a held-out window of bytes"}[task.name]
-    fig.suptitle(f"{cfg.name}: attention weights (rows: queries, columns: keys); {what}", fontsize=9)
-    path = run / "attention.png"
-    fig.savefig(path, dpi=90)
-    return path
+    cfg, figure = attention_figure(run)
+    return draw_attention(figure, cfg.name, run / "attention.png")
 
 
 def plot_run(run: str | pathlib.Path) -> list[pathlib.Path]:
@@ -163,3 +135,4 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
 
 if __name__ == "__main__":
     main()
+

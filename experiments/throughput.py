@@ -15,7 +15,6 @@ their ratio jattn/flax, printed as a Markdown table and written to
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -28,8 +27,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jattn
 from experiments import config as config_lib
-from experiments import train as train_lib
-from experiments.config import Config, ConfigError
+from experiments import run as run_lib
+from experiments import schema
+from experiments.config import Config
+from experiments.schema import ConfigError
 
 MODULES = ("jattn", "flax")
 
@@ -37,27 +38,25 @@ MODULES = ("jattn", "flax")
 def with_module(cfg: Config, module: str) -> Config:
     """``cfg`` with the attention module swapped (the flax baseline has no backend
     choice, so ``implementation`` is cleared for it)."""
-    attention = dataclasses.replace(
-        cfg.model.attention, module=module,
-        implementation=cfg.model.attention.implementation if module == "jattn" else None,
-    )
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention))
+    implementation = cfg.model.attention.implementation if module == "jattn" else None
+    return schema.updated(cfg, {"model.attention.module": module,
+                                "model.attention.implementation": implementation})
 
 
 def compiled_step(cfg: Config):
     """``(step_fn, state, batch)``: the compiled train step of ``cfg`` and its inputs."""
-    s = train_lib.setup(cfg)
+    s = run_lib.setup(cfg)
     batched = NamedSharding(s.mesh, P("data"))
     replicated = NamedSharding(s.mesh, P())
-    keys = train_lib.keys(cfg)
+    keys = run_lib.keys(cfg)
     batch = jax.device_put(
         jax.jit(lambda t: t.train_batch(keys["train_data"], cfg.train.batch_size))(s.task), batched
     )
     step = jax.jit(
-        train_lib.make_train_step(s.graphdef, s.tx, s.schedule, keys["dropout"], cfg.model.dropout),
+        run_lib.make_train_step(s.task, s.graphdef, s.tx, s.schedule, keys["dropout"], cfg.model.dropout),
         donate_argnums=0, out_shardings=(replicated, replicated),
     )
-    return step.lower(s.state, batch).compile(), s.state, batch, s.task.seq_len
+    return step.lower(s.state, batch).compile(), s.state, batch, s.task.tokens_per_example
 
 
 def measure(cfg: Config) -> dict:
@@ -96,7 +95,7 @@ def measure(cfg: Config) -> dict:
         shapes=dict(batch=cfg.train.batch_size, seq_len=seq_len, d_model=cfg.model.d_model,
                     num_heads=cfg.model.num_heads, num_layers=cfg.model.num_layers,
                     dtype=cfg.train.dtype, task=cfg.data.task),
-        steps=t.steps, repeats=t.repeats, device=train_lib.describe_devices(train_lib.make_mesh(cfg)),
+        steps=t.steps, repeats=t.repeats, device=run_lib.describe_devices(run_lib.make_mesh(cfg)),
         jax=jax.__version__, python=platform.python_version(), cpu_count=os.cpu_count(),
         load_avg=os.getloadavg() if hasattr(os, "getloadavg") else None,
     )
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     result = measure(cfg)
-    out = train_lib.run_dir(cfg).with_name(cfg.name + "_throughput")  # not wiped by a training run
+    out = run_lib.run_dir(cfg).with_name(cfg.name + "_throughput")  # not wiped by a training run
     out.mkdir(parents=True, exist_ok=True)
     config_lib.dump(cfg, out / "throughput_config.yaml", header="Config of experiments.throughput")
     (out / "throughput.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -5,9 +5,9 @@ repository root, or with jattn installed).
 Shapes as issue 3's GPU target: bf16, B=1, N=16, H=128, plus decoding rows.  Each
 row: jit, one warm-up call (compile), then the median of 5 samples timed as the
 benchmark experiment times them (`experiments.benchmark.time_calls`: calls under
-10 ms are looped within a sample).  FLOPs as in
-experiments/benchmark.py (forward 4·B·N·T·S·H, halved when causal; forward+backward
-3.5x forward).  Rows print as they finish and in priority order, so a stopped run
+10 ms are looped within a sample).  FLOPs by the benchmark's convention
+(`experiments.benchmark.attention_flops`: forward 4·B·N·T·S·H, halved when causal
+self-attention; forward+backward 3.5x forward).  Rows print as they finish and in priority order, so a stopped run
 still reports what matters most; a failing case is a row, not a crash.  The summary
 at the end gives each jattn row's speed-up over jax.nn xla measured in the same run.
 
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import jattn
-from experiments.benchmark import time_calls
+from experiments.benchmark import attention_flops, time_calls
 from jattn.attention import make_call
 from jattn.backends import pallas
 
@@ -72,7 +72,7 @@ def time_case(T, causal, mode, impl, tiles=None, softcap=None, shape=None):
     ms = statistics.median(time_calls(run, (q, k, v), warmups=1, repeats=5)) * 1e3
     b, _, n, _ = q.shape
     S = k.shape[1]
-    flops = 4 * b * n * T * S * H / (2 if causal and S == T else 1) * (3.5 if mode == "fwd+bwd" else 1.0)
+    flops = attention_flops(B=b, N=n, T=T, S=S, H=H, causal=causal and S == T, mode=mode)
     return ms, flops / (ms * 1e-3) / 1e12
 
 

@@ -1,9 +1,10 @@
 """In-process GPU timings for a short device lease: chunked tile sizes and the rows
 the full benchmark could not fit.  ``python3 scripts/gpu_quick.py [budget_s]``.
 
-Each row: jit, one warm-up call (compile), then the median of 5 timed calls with
-block_until_ready.  FLOPs as in experiments/benchmark.py (forward 4·B·N·T·S·H,
-halved when causal; forward+backward 3.5x forward).  Rows print as they finish, so a
+Each row: jit, one warm-up call (compile), then the median of 5 samples timed as
+the benchmark times them (`experiments.benchmark.time_calls`); FLOPs by the
+benchmark's convention (`experiments.benchmark.attention_flops`: forward
+4·B·N·T·S·H, halved when causal; forward+backward 3.5x forward).  Rows print as they finish, so a
 stopped run still reports what it measured.
 """
 
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 import jattn
+from experiments.benchmark import attention_flops, time_calls
 
 BUDGET_S = float(sys.argv[1]) if len(sys.argv) > 1 else 80.0
 START = time.perf_counter()
@@ -40,14 +42,8 @@ def time_case(T, causal, mode, impl, blocks=None):
         run = jax.jit(f)
     else:
         run = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
-    jax.block_until_ready(run(q, k, v))
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(q, k, v))
-        times.append(time.perf_counter() - t0)
-    ms = statistics.median(times) * 1e3
-    flops = 4 * B * N * T * T * H / (2 if causal else 1) * (3.5 if mode == "fwd+bwd" else 1.0)
+    ms = statistics.median(time_calls(run, (q, k, v), warmups=1, repeats=5)) * 1e3
+    flops = attention_flops(B=B, N=N, T=T, S=T, H=H, causal=causal, mode=mode)
     return ms, flops / (ms * 1e-3) / 1e12
 
 

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from experiments import benchmark
-from experiments.bench_config import Case, ConfigError, load_config, parse_config, parse_override
+from experiments.benchmark import Case, load_config, parse_config
+from experiments.schema import ConfigError
 from tests.reference import reference_attention
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,21 +81,25 @@ def test_grid_expansion_and_overrides():
 @pytest.mark.parametrize(
     "raw, match",
     [
-        (_minimal(bogus=1), r"unknown keys \['bogus'\]"),
+        (_minimal(bogus=1), r"unknown config key 'bogus'"),
         (_minimal(N=6, K=4), r"N=6 must be a multiple of K=4"),
-        (_minimal(dtype="float64"), r"dtype: expected one of"),
-        (_minimal(repeats=0), r"repeats: expected a positive int"),
-        (_minimal(timeout_s=-1), r"timeout_s: expected a positive number"),
-        (_minimal(platform="mps"), r"platform: expected one of"),
-        ({"grids": [{"impls": ["jax_xla"], "T": [8, "x"]}]}, r"grids\[0\]\.T\[1\]: expected a positive int"),
-        ({"grids": [{"impls": ["jax_xla"], "T": [8], "modes": ["bwd"]}]}, r"grids\[0\]\.modes\[0\]"),
-        ({"grids": [{"impls": ["jax_xla"], "T": [8], "causal": ["yes"]}]}, r"grids\[0\]\.causal\[0\]: expected true or false"),
-        ({"grids": [{"impls": ["jax_xla"]}]}, r"grids\[0\]\.T: missing"),
-        ({"grids": [{"impls": ["jax_xla"], "T": [8], "block_sizes": [8]}]}, r"grids\[0\]\.block_sizes"),
-        ({"grids": [{"impls": ["jax_xla"], "T": [8], "colour": 1}]}, r"grids\[0\]: unknown keys \['colour'\]"),
+        (_minimal(dtype="float64"), r"config key 'dtype' expects one of \['float32', 'bfloat16', 'float16'\]"),
+        (_minimal(repeats=0), r"config key 'repeats' must be positive; got 0"),
+        (_minimal(timeout_s=-1), r"config key 'timeout_s' must be positive"),
+        (_minimal(platform="mps"), r"config key 'platform' expects one of"),
+        (_minimal(repeats=True), r"config key 'repeats' expects an int; got True \(bool\)"),
+        ({"grids": [{"impls": ["jax_xla"], "T": [8, "x"]}]}, r"config key 'grids\[0\]\.T\[1\]' expects an int"),
+        ({"grids": [{"impls": ["jax_xla"], "T": [8], "modes": ["bwd"]}]}, r"'grids\[0\]\.modes\[0\]' expects one of"),
+        ({"grids": [{"impls": ["jax_xla"], "T": [8], "causal": ["yes"]}]},
+         r"'grids\[0\]\.causal\[0\]' expects a bool \(true or false\)"),
+        ({"grids": [{"impls": ["jax_xla"]}]}, r"config key 'grids\[0\]\.T' is missing"),
+        ({"grids": [{"impls": ["jax_xla"], "T": [8], "block_sizes": [8]}]}, r"'grids\[0\]\.block_sizes"),
+        ({"grids": [{"impls": ["jax_xla"], "T": [8], "colour": 1}]}, r"unknown config key 'grids\[0\]\.colour'"),
+        ({"grids": [{"impls": ["jax_xla"], "T": [8], "repets": 1}]},
+         r"unknown config key 'grids\[0\]\.repets'; did you mean 'grids\[0\]\.repeats'\?"),
         ({"grids": [{"impls": ["jax_xla"], "T": [8]}, {"impls": ["jax_xla"], "T": [8]}]}, r"grids\[1\]: case .* already in grids\[0\]"),
-        ({"grids": []}, r"grids: expected a non-empty list"),
-        ({}, r"grids: missing"),
+        ({"grids": []}, r"config key 'grids' expects a non-empty list"),
+        ({}, r"config key 'grids' is missing"),
     ],
 )
 def test_config_errors_name_the_key(raw, match):
@@ -103,16 +108,15 @@ def test_config_errors_name_the_key(raw, match):
 
 
 def test_overrides():
-    assert parse_override("time_budget_s=120") == ("time_budget_s", 120)
-    assert parse_override("platform=cpu") == ("platform", "cpu")
-    with pytest.raises(ConfigError, match="override 'grids'"):
-        parse_override("grids=[]")
-    with pytest.raises(ConfigError, match="override 'nope': unknown key"):
-        parse_override("nope=1")
-    with pytest.raises(ConfigError, match="expected key=value"):
-        parse_override("repeats")
-    cfg = load_config(SMOKE, ["repeats=2", "name=other"])
+    cfg = load_config(SMOKE, ["repeats=2", "name=other", "time_budget_s=120", "platform=null"])
     assert {c.repeats for c in cfg.cases()} == {2} and cfg.name == "other"
+    assert cfg.time_budget_s == 120.0 and cfg.platform is None
+    with pytest.raises(ConfigError, match="config key 'grids' is a list of sections"):
+        load_config(SMOKE, ["grids=[]"])
+    with pytest.raises(ConfigError, match="unknown config key 'repets'; did you mean 'repeats'"):
+        load_config(SMOKE, ["repets=1"])
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        load_config(SMOKE, ["repeats"])
 
 
 # ----------------------------------------------------------------------------------
@@ -153,12 +157,14 @@ def test_derive_ratio_rate_and_ceiling():
 
 
 def test_plan_skip():
-    c = Case("jax_cudnn", "fwd", 64, True, 1, 2, 2, 16, "bfloat16", 1, 0, 60.0)
+    c = Case(impl="jax_cudnn", mode="fwd", T=64, causal=True, B=1, N=2, K=2, H=16, dtype="bfloat16")
     assert "GPU" in benchmark.plan_skip(c, "cpu")
     assert benchmark.plan_skip(c, "gpu") is None
     assert benchmark.plan_skip(Case(**{**c.to_json_dict(), "force": True}), "cpu") is None
     skipped = Case(**{**c.to_json_dict(), "impl": "auto", "skip": "too big"})
     assert benchmark.plan_skip(skipped, "gpu") == "too big"
+    # jattn's backends are asked in the worker, which records jattn's own reason
+    assert benchmark.plan_skip(Case(**{**c.to_json_dict(), "impl": "pallas"}), "cpu") is None
 
 
 def _table_rows(md: str, title: str) -> list[list[str]]:
@@ -205,7 +211,7 @@ def test_peer_functions_agree_with_the_reference(impl, causal):
     q = jax.random.normal(kq, (B, T, N, H))
     k = jax.random.normal(kk, (B, T, K, H))
     v = jax.random.normal(kv, (B, T, K, H))
-    f = benchmark.attention_function(Case(impl, "fwd", T, causal, B, N, K, H, "float32", 1, 0, 60.0))
+    f = benchmark.attention_function(Case(impl=impl, mode="fwd", T=T, causal=causal, B=B, N=N, K=K, H=H))
     want, _, _ = reference_attention(np.asarray(q, np.float64), np.asarray(k, np.float64),
                                      np.asarray(v, np.float64), is_causal=causal)
     np.testing.assert_allclose(np.asarray(jax.jit(f)(q, k, v)), want, rtol=1e-5, atol=1e-5)
@@ -219,13 +225,14 @@ def test_peer_functions_agree_with_the_reference(impl, causal):
 def smoke(tmp_path_factory):
     """bench_smoke.yaml plus two cases that must be stopped: one by its timeout (no
     process imports JAX in 0.05 s) and one by its memory limit (JAX alone needs more
-    than 50 MiB)."""
+    than 50 MiB); and one that jattn refuses (its Triton kernels on a CPU)."""
     tmp = tmp_path_factory.mktemp("bench")
     with open(SMOKE) as f:
         raw = yaml.safe_load(f)
     raw["grids"] += [
         {"impls": ["jax_xla"], "T": [32], "causal": [False], "modes": ["fwd"], "timeout_s": 0.05},
         {"impls": ["dense"], "T": [32], "causal": [False], "modes": ["fwd"], "memory_limit_gb": 0.05},
+        {"impls": ["pallas"], "T": [32], "causal": [False], "modes": ["fwd"]},  # refused on a CPU
     ]
     config = tmp / "bench_smoke_plus.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -277,6 +284,8 @@ def test_smoke_json_has_one_well_formed_row_per_case(smoke):
     assert forced["status"] == "error" and forced["error"]
     timed_out = by[("jax_xla", "fwd", 32, False)]
     assert timed_out["status"] == "timeout" and "timeout_s" in timed_out["error"]
+    refused = by[("pallas", "fwd", 32, False)]
+    assert refused["status"] == "skipped" and refused["error"].startswith("jattn refuses: ")
     killed = by[("dense", "fwd", 32, False)]
     assert killed["status"] == "killed" and "memory_limit_gb=0.05" in killed["error"]
     assert killed["peak_mem_bytes"] > 0.05 * 2**30
@@ -311,11 +320,24 @@ def test_smoke_plots_and_progress(smoke):
         assert f"[{i}/{total}]" in progress
 
 
-@pytest.mark.parametrize("module", ["experiments.benchmark", "experiments.bench_config", "experiments.bench_plot"])
+BENCHMARK_MODULES = ["experiments.benchmark", *(f"experiments.benchmark.{m}" for m in (
+    "config", "impls", "flops", "timing", "messages", "worker", "runner", "report", "plots"))]
+
+
+@pytest.mark.parametrize("module", BENCHMARK_MODULES)
 def test_docstring_examples_run(module):
-    # experiments/ is not in pytest's doctest paths, so its examples are run here.
+    # Run here as well as by --doctest-modules, so that this file checks its package alone.
     import doctest
     import importlib
 
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0 and result.attempted > 0
+    assert result.failed == 0
+
+
+def test_the_implementations_come_from_jattns_registry():
+    try:
+        from jattn.backends.registry import BACKENDS
+    except ImportError:  # a jattn from before the registry module
+        from jattn.dispatch import BACKENDS
+
+    assert list(BACKENDS) + ["auto"] == [name for name in benchmark.IMPLS if name not in ("jax_xla", "jax_cudnn", "flax")]

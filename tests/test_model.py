@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import sample
 from experiments.config import AttentionConfig, ConfigError, ModelConfig
-from experiments.model import Transformer, num_params
+from experiments.model import Transformer, generate, num_params
 
 V, T = 13, 11
 
@@ -88,13 +87,13 @@ def test_generate_with_the_cache_equals_greedy_decoding_without_it():
     model = Transformer(small(positions="rope"), vocab_size=V, max_len=16, rngs=nnx.Rngs(4))
     graphdef, params = nnx.split(model, nnx.Param)
     prompt = tokens(5, length=4)
-    out = np.asarray(sample.generate(graphdef, params, prompt, 6, jax.random.key(0), temperature=0.0))
+    out = np.asarray(generate(graphdef, params, prompt, 6, jax.random.key(0), temperature=0.0))
     seq = np.zeros((2, 10), np.int32)
     seq[:, :4] = prompt
     for t in range(4, 10):  # the slow way: rerun the whole (zero-padded, causal) sequence
         seq[:, t] = np.argmax(np.asarray(forward(model, jnp.asarray(seq)))[:, t - 1], axis=-1)
     np.testing.assert_array_equal(out, seq[:, 4:])
-    sampled = sample.generate(graphdef, params, prompt, 6, jax.random.key(0), temperature=1.0)
+    sampled = generate(graphdef, params, prompt, 6, jax.random.key(0), temperature=1.0)
     assert sampled.shape == (2, 6) and int(sampled.max()) < V
 
 

@@ -1,5 +1,6 @@
-"""experiments.train: every config trains, a SIGKILLed run resumes to the same end,
-8-device data parallelism matches one device, and the run folder holds what it should.
+"""experiments.train (and the run library experiments.run): every config trains, a
+SIGKILLed run resumes to the same end, 8-device data parallelism matches one device,
+and the run folder holds what it should.
 """
 
 import json
@@ -15,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import config, plot, sample, train
+from experiments import config, plot, run, sample, train
 from experiments.config import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -33,8 +34,8 @@ def rows(run: pathlib.Path, split: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
-def final_params(run: pathlib.Path):
-    cfg, s, params, step = train.restore_params(run)
+def final_params(run_folder: pathlib.Path):
+    cfg, s, params, step = run.restore_params(run_folder)
     return step, params
 
 
@@ -142,14 +143,15 @@ def test_plots_and_samples_of_a_run(reference_run, capsys):
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
     lines = sample.main([str(reference_run), "--num", "3"])
-    assert len(lines) == 3 and all("->" in line and "(answer v" in line for line in lines)
-    assert "right (greedy decoding with the KV cache" in capsys.readouterr().out
+    assert len(lines) == 4 and all("->" in line and "(answer v" in line for line in lines[:3])
+    assert "right (greedy decoding with the KV cache" in lines[-1]
+    assert lines[-1] in capsys.readouterr().out
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_a_config_error(tmp_path):
     cfg = config.load(ROOT / "configs/default.yaml", SMALL + [f"runs_dir={tmp_path}", "mesh.data=3"])
     with pytest.raises(ConfigError, match="mesh.data=3 but only 1 local devices"):
-        train.make_mesh(cfg)
+        run.make_mesh(cfg)
 
 
 def test_jattn_trains_like_the_flax_baseline_from_the_same_weights(tmp_path):
@@ -179,8 +181,8 @@ def test_metrics_log_on_resume_drops_later_rows_and_a_half_written_line(tmp_path
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"split": "train", "step": 10}\n{"split": "eval", "step": 20}\n'
                     '{"split": "train", "step": 30}\n{"split": "tra')
-    log = train.MetricsLog(path, resume_step=20)
+    log = run.MetricsLog(path, resume_step=20)
     assert log.rows() == [{"split": "train", "step": 10}, {"split": "eval", "step": 20}]
     log.write({"split": "train", "step": 21})
     assert [r["step"] for r in log.rows()] == [10, 20, 21]
-    assert train.MetricsLog(path, resume_step=None).rows() == []
+    assert run.MetricsLog(path, resume_step=None).rows() == []

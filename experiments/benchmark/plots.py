@@ -1,8 +1,7 @@
-"""Benchmark results → PNG: time and peak memory against T, log-log, one line per
+"""Benchmark results -> PNG: time and peak memory against T, log-log, one line per
 implementation (and per mask / batch size where a run has several), one panel per
-mode (forward, forward+backward).
-
-    python -m experiments.bench_plot runs/bench/bench_cpu/results.json
+mode (forward, forward+backward).  ``python -m experiments.benchmark --report DIR``
+redraws them from ``DIR/results.json``.
 
 Example:
   >>> series_key({"impl": "auto", "causal": True, "B": 1, "N": 8, "K": 8, "H": 64,
@@ -12,16 +11,15 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 
-from experiments.bench_config import IMPLS
+from experiments.benchmark.impls import IMPLS
 
 _COLORS = {
-    "jax_xla": "tab:blue", "jax_cudnn": "tab:purple", "flax": "tab:olive",
-    "dense": "tab:orange", "chunked": "tab:green", "pallas": "tab:brown", "auto": "tab:red",
+    "jax_xla": "tab:blue", "jax_cudnn": "tab:purple", "flax": "tab:olive", "dense": "tab:orange",
+    "chunked": "tab:green", "cudnn": "tab:cyan", "pallas": "tab:brown", "auto": "tab:red",
 }
+_OTHER_COLORS = ("tab:pink", "tab:gray", "black")
 _VARIANT_KEYS = ("causal", "B", "N", "K", "H", "dtype")
 _MARKERS = "osD^v<>p"
 
@@ -63,7 +61,7 @@ def _panels(payload: dict, value, ylabel: str, title: str, path: str, failed_val
             marker_index = sum(other_values[k].index(attrs[k]) for k in other_values)
             marker = _MARKERS[marker_index % len(_MARKERS)]
             pts = [(r["T"], value(r)) for r in recs if r["status"] == "ok" and value(r)]
-            color = _COLORS[key[0]]
+            color = _COLORS.get(key[0]) or _OTHER_COLORS[list(IMPLS).index(key[0]) % len(_OTHER_COLORS)]
             if pts:
                 ax.plot(*zip(*pts), style, marker=marker, color=color, label=_series_label(key))
                 plotted = True
@@ -113,18 +111,3 @@ def plot_results(payload: dict, out_dir: str) -> list[str]:
             "peak memory", paths[1], failed_value=mem)
     return paths
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m experiments.bench_plot runs/bench/<name>/results.json", file=sys.stderr)
-        return 2
-    with open(args[0]) as f:
-        payload = json.load(f)
-    for p in plot_results(payload, os.path.dirname(os.path.abspath(args[0]))):
-        print(p)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
