@@ -45,12 +45,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jattn import options as options_lib
 from jattn.attention import dot_product_attention
 
 Array = jax.Array
@@ -258,17 +259,9 @@ def decode_attention(
     cache: KVCache,
     *,
     num_new: Array | int | None = None,
-    is_causal: bool = True,
     bias: Array | None = None,
     mask: Any = None,
-    scale: float | None = None,
-    local_window_size: int | tuple[int, int] | None = None,
-    logits_soft_cap: float | None = None,
-    score_mod: Callable | None = None,
-    dropout_rate: float = 0.0,
-    dropout_rng: Array | None = None,
-    implementation: str | None = None,
-    return_weights: bool = False,
+    **options,
 ):
     """One decoding (or prefill) step: append the new keys / values to ``cache`` and
     attend from the new queries to everything the cache holds.
@@ -282,10 +275,14 @@ def decode_attention(
       new_keys, new_values: ``[B, T, K, H]`` / ``[B, T, K, Hv]`` for the same T tokens.
       cache: the `KVCache` before this step.
       num_new: int ``[B]``: real tokens among the T (default all T).
-      is_causal, bias, mask, scale, local_window_size, logits_soft_cap, score_mod,
-        dropout_rate, dropout_rng, implementation: as in `jattn.dot_product_attention`
-        with S = M (the cache capacity); windows are aligned like the causal mask.
-      return_weights: also return the weights ``[B, N, T, M]``.
+      bias, mask: as in `jattn.dot_product_attention`, with S = M (the cache capacity).
+      {options}
+
+      The options are `jattn.dot_product_attention`'s (``is_causal`` defaults to
+      True here; windows are aligned like the causal mask) except those the cache
+      sets: ``query_offset`` (the lengths before this step), ``query_seq_lengths``
+      (``num_new``), ``key_value_seq_lengths`` (the lengths after it); the weights
+      are ``[B, N, T, M]``.
 
     Returns:
       ``(out [B, T, N, Hv], new_cache)``, or ``(out, new_cache, weights)`` with
@@ -316,14 +313,13 @@ def decode_attention(
     explicit_num_new = num_new is not None
     num_new = cache._num_new(num_new, T)
     new_cache = cache.update(new_keys, new_values, num_new)
+    options = options_lib.complete(options, where="decode_attention", allowed=DECODE_OPTIONS,
+                                   defaults=DECODE_DEFAULTS)
+    return_weights = options["return_weights"]
     result = dot_product_attention(
-        query.astype(cache.dtype), new_cache.keys, new_cache.values, bias, mask,
-        scale=scale, is_causal=is_causal, query_offset=before,
-        query_seq_lengths=num_new if explicit_num_new else None,
+        query.astype(cache.dtype), new_cache.keys, new_cache.values, bias, mask, **options,
+        query_offset=before, query_seq_lengths=num_new if explicit_num_new else None,
         key_value_seq_lengths=jnp.minimum(new_cache.lengths, M),
-        local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
-        score_mod=score_mod, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-        implementation=implementation, return_weights=return_weights,
     )
     out, weights = result if return_weights else (result, None)
     # Tokens that did not fit (only possible under jit): NaN, never a silent answer.
@@ -334,3 +330,15 @@ def decode_attention(
         weights = jnp.where(lost[:, None, :, None], jnp.asarray(jnp.nan, weights.dtype), weights)
         return out, new_cache, weights
     return out, new_cache
+
+
+# The options decode_attention takes: dot_product_attention's, less those the cache
+# sets itself (positions and lengths) and those a cache cannot serve yet (segment ids
+# across the cache, the residual).
+DECODE_OPTIONS = tuple(
+    n for n in options_lib.names()
+    if n not in ("query_offset", "query_seq_lengths", "key_value_seq_lengths",
+                 "query_segment_ids", "key_value_segment_ids", "return_residual")
+)
+DECODE_DEFAULTS = {"is_causal": True}
+options_lib.with_options_signature(decode_attention, DECODE_OPTIONS, defaults=DECODE_DEFAULTS)

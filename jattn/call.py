@@ -19,8 +19,6 @@ from jattn import score_mods as score_mods_lib
 
 Array = jax.Array
 
-IMPLEMENTATIONS = (None, "xla", "dense", "chunked", "cudnn", "pallas")
-
 
 @dataclasses.dataclass(frozen=True)
 class AttentionCall:
@@ -52,6 +50,7 @@ class AttentionCall:
     block_sizes: tuple[int, int] | None
     return_weights: bool
     return_residual: bool
+    precision: Any
     unbatched: bool
 
     @property
@@ -59,6 +58,22 @@ class AttentionCall:
         B, T, N, H = self.query.shape
         _, S, K, Hv = self.value.shape
         return dict(B=B, T=T, S=S, N=N, K=K, H=H, Hv=Hv)
+
+    def features(self) -> frozenset[str]:
+        """The features this call uses, named as backends declare them (`FEATURES`).
+
+        Fails closed: a field missing from `FIELD_FEATURES` counts as the feature of
+        its own name whatever its value, so a field added to the call is refused by
+        every backend until it is declared here and by the backends that implement it.
+        """
+        used = set()
+        for field in dataclasses.fields(self):
+            in_use = FIELD_FEATURES.get(field.name)
+            if in_use is None:
+                used.add(field.name)
+            else:
+                used |= in_use(self)
+        return frozenset(used)
 
     def index_mask(self) -> masks_lib.Mask | None:
         """All index-function masks of the call combined with ``&``."""
@@ -77,6 +92,69 @@ class AttentionCall:
         """The user's score modifier, then soft-capping (so the cap bounds the result)."""
         cap = None if self.logits_soft_cap is None else score_mods_lib.SoftCap(self.logits_soft_cap)
         return score_mods_lib.chain(self.user_score_mod, cap)
+
+
+def _offset_features(call: AttentionCall) -> set[str]:
+    # An offset only moves the causal / window band; without one it means nothing.
+    if not (call.is_causal or call.local_window_size is not None):
+        return set()
+    if isinstance(call.query_offset, int):
+        return {"query_offset"} if call.query_offset != 0 else set()
+    return {"query_offset_array"}
+
+
+def _if(feature: str, test) -> Any:
+    return lambda call: {feature} if test(call) else set()
+
+
+# What each feature means, for refusal messages.
+FEATURES: dict[str, str] = {
+    "bias": "an additive bias",
+    "dense_mask": "a boolean mask array",
+    "causal": "a causal mask",
+    "local_window": "a sliding window",
+    "query_offset": "a causal / window band shifted by an int query_offset",
+    "query_offset_array": "a per-example (array) query_offset",
+    "query_seq_lengths": "query lengths",
+    "key_value_seq_lengths": "key/value lengths",
+    "segment_ids": "segment ids",
+    "mask_mod": "a mask object or mask function",
+    "score_mod": "a score_mod",
+    "logits_soft_cap": "logits soft-capping",
+    "dropout": "dropout",
+    "return_weights": "returning the weights",
+    "return_residual": "returning the log-sum-exp",
+    "precision": "an explicit matmul precision",
+}
+
+# For each field of AttentionCall: the features it uses in a given call.  Fields that
+# every backend must honour (the inputs, scale) or that are hints (tile sizes) use
+# none.  See `AttentionCall.features` for what happens to a field missing here.
+FIELD_FEATURES: dict[str, Any] = {
+    "query": lambda call: set(),
+    "key": lambda call: set(),
+    "value": lambda call: set(),
+    "scale": lambda call: set(),
+    "implementation": lambda call: set(),
+    "block_sizes": lambda call: set(),  # a tuning hint: backends without tiles ignore it
+    "unbatched": lambda call: set(),
+    "bias": _if("bias", lambda c: c.bias is not None),
+    "dense_mask": _if("dense_mask", lambda c: c.dense_mask is not None),
+    "is_causal": _if("causal", lambda c: c.is_causal),
+    "local_window_size": _if("local_window", lambda c: c.local_window_size is not None),
+    "query_offset": _offset_features,
+    "query_seq_lengths": _if("query_seq_lengths", lambda c: c.query_seq_lengths is not None),
+    "key_value_seq_lengths": _if("key_value_seq_lengths", lambda c: c.key_value_seq_lengths is not None),
+    "segment_ids": _if("segment_ids", lambda c: c.segment_ids is not None),
+    "user_mask": _if("mask_mod", lambda c: c.user_mask is not None),
+    "user_score_mod": _if("score_mod", lambda c: c.user_score_mod is not None),
+    "logits_soft_cap": _if("logits_soft_cap", lambda c: c.logits_soft_cap is not None),
+    "dropout_rate": _if("dropout", lambda c: c.dropout_rate > 0.0),
+    "dropout_rng": lambda call: set(),  # used only with dropout_rate
+    "return_weights": _if("return_weights", lambda c: c.return_weights),
+    "return_residual": _if("return_residual", lambda c: c.return_residual),
+    "precision": _if("precision", lambda c: c.precision is not None),
+}
 
 
 def _describe(x) -> str:
@@ -161,11 +239,33 @@ def _query_offset(query_offset, B: int, unbatched: bool):
     return _int_per_example("query_offset", x, B, unbatched)
 
 
+def _precision(precision):
+    """None, a `jax.lax.Precision` (or its name), or a pair of them (one per operand)."""
+    def one(p):
+        if isinstance(p, jax.lax.Precision):
+            return p
+        if isinstance(p, str):
+            try:
+                return jax.lax.Precision(p)
+            except (ValueError, KeyError):
+                pass
+        raise ValueError(
+            f"precision: got {precision!r}; expected None, a jax.lax.Precision (or one of "
+            f"'default', 'high', 'highest'), or a pair of them"
+        )
+
+    if precision is None:
+        return None
+    if isinstance(precision, (tuple, list)) and len(precision) == 2:
+        return tuple(one(p) for p in precision)
+    return one(precision)
+
+
 def validate(
     query, key, value, bias, mask, *, scale, is_causal, query_seq_lengths,
     key_value_seq_lengths, local_window_size, implementation, return_residual,
     query_segment_ids, key_value_segment_ids, query_offset, logits_soft_cap, score_mod,
-    dropout_rate, dropout_rng, return_weights, block_sizes,
+    dropout_rate, dropout_rng, return_weights, block_sizes, precision,
 ) -> AttentionCall:
     """Check every argument of `jattn.dot_product_attention`; return the batched call."""
     query = _as_float_array("query", query)
@@ -278,11 +378,16 @@ def validate(
         if dropout_rng.shape != ():
             raise ValueError(f"dropout_rng: expected one key (shape ()); got key shape {dropout_rng.shape}")
 
-    if implementation not in IMPLEMENTATIONS:
+    # Imported here: the registry imports the backends, which import this module.
+    from jattn.backends import registry
+
+    implementations = (None, "xla", *registry.BACKENDS)
+    if implementation not in implementations:
         raise ValueError(
             f"implementation: got {implementation!r}; expected one of "
-            f"{', '.join(repr(i) for i in IMPLEMENTATIONS)}"
+            f"{', '.join(repr(i) for i in implementations)}"
         )
+    precision = _precision(precision)
     if return_weights and return_residual:
         raise ValueError("return_weights and return_residual: ask for one of them, not both")
 
@@ -304,10 +409,19 @@ def validate(
         dropout_rate=float(dropout_rate), dropout_rng=dropout_rng,
         implementation="dense" if implementation == "xla" else implementation,
         block_sizes=block_sizes, return_weights=bool(return_weights),
-        return_residual=bool(return_residual), unbatched=unbatched,
+        return_residual=bool(return_residual), precision=precision, unbatched=unbatched,
     )
     # Shape-check the data inside mask / score-mod objects now, with a clear message.
     for obj in (call.index_mask(), call.index_score_mod()):
         if obj is not None:
             obj.batch_in_axes(B, T, S)
     return call
+
+
+def __getattr__(name: str):
+    # The accepted ``implementation=`` values come from the backend registry.
+    if name == "IMPLEMENTATIONS":
+        from jattn.backends import registry
+
+        return (None, "xla", *registry.BACKENDS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

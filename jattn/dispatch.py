@@ -13,6 +13,10 @@ The automatic policy (``implementation=None``), in order:
    ``DENSE_MAX_BYTES[platform]`` of scores in all: **dense** (one fused pass beats a
    loop over tiles there; measured in docs/benchmarks.md).
 5. Otherwise: **chunked** (O(T) memory, skips tiles the mask empties).
+
+At each step a backend that refuses the call (`jattn.backends.contract.refusal`: a
+feature it does not declare, or one of its limits) is passed over; auto never picks
+a backend that refused, and a call every backend refuses raises with every reason.
 """
 
 from __future__ import annotations
@@ -21,10 +25,9 @@ import dataclasses
 
 import jax
 
-from jattn.backends import chunked, cudnn, dense, pallas
+from jattn.backends import contract
+from jattn.backends.registry import BACKENDS
 from jattn.call import AttentionCall
-
-BACKENDS = {dense.NAME: dense, chunked.NAME: chunked, cudnn.NAME: cudnn, pallas.NAME: pallas}
 
 # Largest T·S (scores per head) for which auto prefers dense over chunked, per
 # platform, from measured crossovers (docs/benchmarks.md): on the 2-core CPU dense
@@ -61,7 +64,7 @@ def choose(call: AttentionCall, platform: str) -> Explanation:
     refused = {
         name: why
         for name, backend in BACKENDS.items()
-        if (why := backend.refusal(call, platform)) is not None
+        if (why := contract.refusal(backend, call, platform)) is not None
     }
     if call.implementation is not None:
         if call.implementation in refused:
@@ -77,22 +80,40 @@ def choose(call: AttentionCall, platform: str) -> Explanation:
     score_bytes = s["B"] * s["N"] * scores * 4
     limit = DENSE_MAX_SCORES.get(platform, DENSE_MAX_SCORES["cpu"])
     max_bytes = DENSE_MAX_BYTES.get(platform, DENSE_MAX_BYTES["cpu"])
-    if call.return_weights:
-        chosen, reason = "dense", "return_weights=True needs the weights materialised"
-    elif "cudnn" not in refused:
-        chosen, reason = "cudnn", "cuDNN's fused flash kernel supports this request"
-    elif "pallas" not in refused:
-        chosen, reason = "pallas", "jattn's fused Triton kernels support this request (cuDNN does not)"
-    elif scores <= limit and score_bytes <= max_bytes:
-        chosen, reason = "dense", f"short: T·S = {scores} <= {limit}, where one dense pass is fastest"
-        refused.setdefault("chunked", f"T·S = {scores} <= {limit}: dense is faster at this size")
+    short = scores <= limit and score_bytes <= max_bytes
+    # The automatic policy as (backend, why it is preferred) in order of preference;
+    # the first that does not refuse the call serves it.
+    if short:
+        size = f"short: T·S = {scores} <= {limit}, where one dense pass is fastest"
+        tiled = ("chunked", "dense cannot serve this call; O(T) memory")
     elif scores <= limit:
-        chosen, reason = "chunked", f"{score_bytes / 2**30:.1f} GiB of scores > {max_bytes / 2**30:.0f} GiB; O(T) memory"
-        refused.setdefault("dense", f"its scores would take {score_bytes / 2**30:.1f} GiB (limit {max_bytes / 2**30:.0f} GiB)")
+        size = None
+        tiled = ("chunked", f"{score_bytes / 2**30:.1f} GiB of scores > {max_bytes / 2**30:.0f} GiB; O(T) memory")
     else:
-        chosen, reason = "chunked", f"long: T·S = {scores} > {limit}; O(T) memory, skips empty tiles"
-        refused.setdefault("dense", f"T·S = {scores} > {limit}: materialising the scores costs memory and time")
-    refused.pop(chosen, None)
+        size = None
+        tiled = ("chunked", f"long: T·S = {scores} > {limit}; O(T) memory, skips empty tiles")
+    preferences = [
+        ("dense", "return_weights=True needs the weights materialised") if call.return_weights else None,
+        ("cudnn", "cuDNN's fused flash kernel supports this request"),
+        ("pallas", "jattn's fused Triton kernels support this request (cuDNN does not)"),
+        ("dense", size) if short else None,
+        tiled,
+        ("dense", "the only backend left that serves this call"),
+    ]
+    for name, why in filter(None, preferences):
+        if name in BACKENDS and name not in refused:
+            chosen, reason = name, why
+            break
+    else:
+        reasons = "; ".join(f"{n}: {why}" for n, why in refused.items())
+        raise ValueError(f"no backend can serve this call on {platform} ({reasons})")
+    if chosen == "chunked" and "dense" not in refused:
+        if scores <= limit:
+            refused["dense"] = f"its scores would take {score_bytes / 2**30:.1f} GiB (limit {max_bytes / 2**30:.0f} GiB)"
+        else:
+            refused["dense"] = f"T·S = {scores} > {limit}: materialising the scores costs memory and time"
+    if chosen == "dense" and short and "chunked" not in refused:
+        refused["chunked"] = f"T·S = {scores} <= {limit}: dense is faster at this size"
     for name in BACKENDS:
         if name != chosen:
             refused.setdefault(name, f"{chosen} is preferred when it applies")

@@ -63,6 +63,7 @@ def attention_scores(
     head: Any = 0,
     q_idx: Array | None = None,
     kv_idx: Array | None = None,
+    precision: Any = None,
 ) -> Array:
     r"""Step 1: how strongly each query relates to each key.
 
@@ -81,6 +82,7 @@ def attention_scores(
       head: the head index passed to ``score_mod`` (an int, or a traced int under vmap).
       q_idx, kv_idx: global indices of these rows / columns (default ``arange``);
         blockwise backends pass the indices of a block.
+      precision: the matmul's `jax.lax.Precision` (None: the platform default).
 
     Returns:
       ``[T, S]`` scores in float32 (float64 for float64 inputs).
@@ -106,7 +108,7 @@ def attention_scores(
     dtype = _compute_dtype(q, k)
     if scale is None:
         scale = 1.0 / np.sqrt(q.shape[-1])
-    scores = jnp.einsum("TH,SH->TS", q, k, preferred_element_type=dtype)
+    scores = jnp.einsum("TH,SH->TS", q, k, preferred_element_type=dtype, precision=precision)
     scores = scores * jnp.asarray(scale, dtype)
     if bias is not None:
         scores = scores + jnp.asarray(bias).astype(dtype)
@@ -225,7 +227,7 @@ def log_normalizer(scores: Array, mask: Array | MaskModFn | None = None) -> Arra
     return jax.nn.logsumexp(scores, axis=-1)
 
 
-def context_vectors(weights: Array, v: Array) -> Array:
+def context_vectors(weights: Array, v: Array, *, precision: Any = None) -> Array:
     r"""Step 4: each query's weighted sum of the value vectors.
 
     .. math:: \mathrm{context}[t, :] = \sum_s w[t, s]\, v[s, :]
@@ -236,6 +238,7 @@ def context_vectors(weights: Array, v: Array) -> Array:
     Args:
       weights: ``[T, S]``.
       v: values ``[S, Hv]``.
+      precision: the matmul's `jax.lax.Precision` (None: the platform default).
 
     Returns:
       ``[T, Hv]`` in ``v.dtype``.
@@ -254,7 +257,8 @@ def context_vectors(weights: Array, v: Array) -> Array:
         )
     accumulate = _compute_dtype(v)
     out = jnp.einsum(
-        "TS,SH->TH", weights.astype(v.dtype), v, preferred_element_type=accumulate
+        "TS,SH->TH", weights.astype(v.dtype), v, preferred_element_type=accumulate,
+        precision=precision,
     )
     return out.astype(v.dtype)
 

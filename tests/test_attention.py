@@ -290,7 +290,7 @@ BAD_CALLS = {
     "dropout rate range": (dict(dropout_rate=1.0, dropout_rng=jax.random.key(0)), r"dropout_rate: expected a number in \[0, 1\); got 1.0"),
     "unknown implementation": (dict(implementation="flash"), r"implementation: got 'flash'; expected one of None, 'xla', 'dense', 'chunked', 'cudnn'"),
     "cudnn on cpu": (dict(implementation="cudnn"), r"implementation='cudnn' cannot serve this call: needs an NVIDIA GPU"),
-    "weights from chunked": (dict(implementation="chunked", return_weights=True), r"implementation='chunked' cannot serve this call: never materialises the weights"),
+    "weights from chunked": (dict(implementation="chunked", return_weights=True), r"implementation='chunked' cannot serve this call: cannot give returning the weights: it never materialises the weights"),
     "segment ids shape": (dict(query_segment_ids=jnp.zeros((B, T + 1), jnp.int32), key_value_segment_ids=jnp.zeros((B, S), jnp.int32)), r"query_segment_ids: got shape \(2, 6\); expected \(2, 5\)"),
     "kv segments without q": (dict(key_value_segment_ids=jnp.zeros((B, S), jnp.int32)), r"key_value_segment_ids: given without query_segment_ids"),
     "segments T != S": (dict(query_segment_ids=jnp.zeros((B, T), jnp.int32)), r"key_value_segment_ids: required when T != S \(T=5, S=7\)"),

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 
 import jattn
 from jattn import masks, score_mods
+from jattn.attention import make_call
 from jattn.backends import chunked
 from tests.checks import assert_close, qkv
 from tests.reference import reference_attention
@@ -136,11 +137,7 @@ def test_window_and_segments_skip_their_empty_tiles():
 
 def test_tile_table_for_causal():
     q, k, v = qkv(7, 1, 64, 64, 1, 1, 4)
-    call = jattn.call.validate(q, k, v, None, None, scale=None, is_causal=True, query_seq_lengths=None,
-                               key_value_seq_lengths=None, local_window_size=None, implementation="chunked",
-                               return_residual=False, query_segment_ids=None, key_value_segment_ids=None,
-                               query_offset=0, logits_soft_cap=None, score_mod=None, dropout_rate=0.0,
-                               dropout_rng=None, return_weights=False, block_sizes=(16, 16))
+    call = make_call(q, k, v, is_causal=True, implementation="chunked", block_sizes=(16, 16))
     kinds = chunked._block_table(call, call.index_mask(), None, None, 4, 4, 16, 16)
     assert isinstance(kinds, np.ndarray)  # static: no runtime bookkeeping
     np.testing.assert_array_equal(kinds, np.tril(np.full((4, 4), masks.FULL)) - np.eye(4, dtype=int))

@@ -92,5 +92,5 @@ def test_explanation_prints_every_backend():
 
 
 def test_explain_rejects_unknown_arguments():
-    with pytest.raises(TypeError, match="unknown arguments"):
+    with pytest.raises(TypeError, match="explain: unknown keyword argument 'causal' \\(did you mean 'is_causal'\\?\\)"):
         jattn.explain(*_inputs(64), causal=True)

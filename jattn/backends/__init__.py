@@ -1,6 +1,7 @@
 """Backends behind `jattn.dot_product_attention`: one file each.
 
-Each backend module exposes ``NAME``, ``refusal(call, platform) -> str | None`` (why it
-cannot serve a call, or None) and ``run(call, platform) -> (out, weights, lse)`` where ``out`` is
-``[B, T, N, Hv]``, ``weights`` ``[B, N, T, S]`` or None, ``lse`` ``[B, T, N]`` or None.
+The contract every backend keeps is `jattn.backends.contract.Backend`; the one list
+of backends is `jattn.backends.registry.BACKENDS`.  Shared per-head helpers (GQA
+grouping, the vmaps over heads, the dropout key) live in `jattn.backends.heads`; no
+backend imports another backend's module.
 """

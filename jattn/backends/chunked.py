@@ -29,18 +29,22 @@ global (row, column): the same pattern as the dense backend, tile by tile.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src.interpreters import ad  # JVPTracer: forward mode is detected, not crashed in
 
 from jattn import masks as masks_lib
-from jattn import ops
+from jattn import ops as ops_lib
 from jattn.backends import heads as H
-from jattn.backends.dense import head_dropout_key
-from jattn.call import AttentionCall
+
+from jattn.backends.contract import Backend
+from jattn.call import FEATURES, AttentionCall
 
 NAME = "chunked"
 
@@ -48,10 +52,8 @@ NAME = "chunked"
 DEFAULT_BLOCK_SIZES = {"cpu": (512, 256), "gpu": (2048, 2048), "tpu": (512, 512)}
 
 
-def refusal(call: AttentionCall, platform: str) -> str | None:
-    if call.return_weights:
-        return "never materialises the weights, so it cannot return them (dense can)"
-    return None
+# Every feature but returning the weights, which it never materialises (dense can).
+SUPPORTS = frozenset(FEATURES) - {"return_weights"}
 
 
 def block_sizes_for(call: AttentionCall, platform: str) -> tuple[int, int]:
@@ -63,10 +65,11 @@ def block_sizes_for(call: AttentionCall, platform: str) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------ one-head tile math
-def _head_scores(q, k, bias, head, q_idx, kv_idx, score_mod, *, scale):
+def _head_scores(q, k, bias, head, q_idx, kv_idx, score_mod, *, scale, precision):
     """Scores of one tile for one head: q [bq, H], k [bk, H] -> [bq, bk] float32."""
-    return ops.attention_scores(
-        q, k, scale=scale, bias=bias, score_mod=score_mod, head=head, q_idx=q_idx, kv_idx=kv_idx
+    return ops_lib.attention_scores(
+        q, k, scale=scale, bias=bias, score_mod=score_mod, head=head, q_idx=q_idx, kv_idx=kv_idx,
+        precision=precision,
     )
 
 
@@ -83,20 +86,20 @@ def _head_tile_masks(dense_mask, head, batch_index, mask, rng, q_idx, kv_idx, *,
             allowed = allowed & dense_mask
         allowed = jnp.broadcast_to(allowed, (q_idx.shape[0], kv_idx.shape[0]))
     if rate > 0.0:
-        key = head_dropout_key(rng, batch_index, head)
-        keep = ops.dropout_keep_mask(key, rate, q_idx[:, None], kv_idx[None, :])
+        key = H.head_dropout_key(rng, batch_index, head)
+        keep = ops_lib.dropout_keep_mask(key, rate, q_idx[:, None], kv_idx[None, :])
     return allowed, keep
 
 
 def _head_forward_tile(q, k, v, bias, dense_mask, head, batch_index, mask, score_mod, rng,
-                       q_idx, kv_idx, m, l, acc, *, masked, rate, scale, num_kv):
+                       q_idx, kv_idx, m, l, acc, *, masked, rate, scale, num_kv, precision):
     """One online-softmax step for one head: fold the tile of q [bq, H] against
     k [bk, H], v [bk, Hv] into the running (m [bq], l [bq], acc [bq, Hv])."""
-    s = _head_scores(q, k, bias, head, q_idx, kv_idx, score_mod, scale=scale)
+    s = _head_scores(q, k, bias, head, q_idx, kv_idx, score_mod, scale=scale, precision=precision)
     allowed, keep = _head_tile_masks(dense_mask, head, batch_index, mask, rng, q_idx, kv_idx,
                                      masked=masked, rate=rate, num_kv=num_kv)
     if allowed is not None:
-        s = jnp.where(allowed, s, ops.MASKED_SCORE)
+        s = jnp.where(allowed, s, ops_lib.MASKED_SCORE)
     m_new = jnp.maximum(m, s.max(axis=-1))
     p = jnp.exp(s - m_new[:, None])
     if allowed is not None:
@@ -105,12 +108,12 @@ def _head_forward_tile(q, k, v, bias, dense_mask, head, batch_index, mask, score
     l_new = l * correction + p.sum(axis=-1)
     if keep is not None:
         p = jnp.where(keep, p / (1.0 - rate), 0.0)
-    pv = jnp.einsum("qs,sh->qh", p.astype(v.dtype), v, preferred_element_type=acc.dtype)
+    pv = jnp.einsum("qs,sh->qh", p.astype(v.dtype), v, preferred_element_type=acc.dtype, precision=precision)
     return m_new, l_new, acc * correction[:, None] + pv
 
 
 def _head_backward_tile(s, v, do, lse, delta, dense_mask, head, batch_index, mask, rng,
-                        q_idx, kv_idx, *, masked, rate, num_kv):
+                        q_idx, kv_idx, *, masked, rate, num_kv, precision):
     """Gradient pieces of one tile for one head, from its scores s [bq, bk]:
     returns (dS [bq, bk], dV [bk, Hv]).
 
@@ -120,18 +123,18 @@ def _head_backward_tile(s, v, do, lse, delta, dense_mask, head, batch_index, mas
     p = jnp.exp(s - lse[:, None])
     if allowed is not None:
         p = jnp.where(allowed, p, 0.0)
-    dp = jnp.einsum("qh,sh->qs", do, v, preferred_element_type=s.dtype)
+    dp = jnp.einsum("qh,sh->qs", do, v, preferred_element_type=s.dtype, precision=precision)
     p_used = p
     if keep is not None:
         p_used = jnp.where(keep, p / (1.0 - rate), 0.0)
         dp = jnp.where(keep, dp / (1.0 - rate), 0.0)
-    dv = jnp.einsum("qs,qh->sh", p_used.astype(do.dtype), do, preferred_element_type=s.dtype)
+    dv = jnp.einsum("qs,qh->sh", p_used.astype(do.dtype), do, preferred_element_type=s.dtype, precision=precision)
     ds = p * (dp - delta[:, None])
     return ds, dv
 
 
 def _head_backward_tile_transposed(q, k, v, do, lse, delta, dense_mask, head, batch_index, mask, rng,
-                                   q_idx, kv_idx, *, masked, rate, scale, num_kv):
+                                   q_idx, kv_idx, *, masked, rate, scale, num_kv, precision):
     """The whole backward of one tile for one head when scores are plain
     ``scale·q·kᵀ`` (no bias, no score_mod): returns (dQ [bq, H], dK [bk, H],
     dV [bk, Hv]), all float32.
@@ -141,21 +144,21 @@ def _head_backward_tile_transposed(q, k, v, do, lse, delta, dense_mask, head, ba
     matmuls run about 2x faster than contracting its first axis (measured:
     a [8, 512, 256] tile's backward in 3.6 ms against 4.8 ms via `jax.vjp`)."""
     dtype = jnp.promote_types(jnp.promote_types(q.dtype, k.dtype), jnp.float32)
-    s_t = jnp.einsum("sh,th->st", k, q, preferred_element_type=dtype) * jnp.asarray(scale, dtype)
+    s_t = jnp.einsum("sh,th->st", k, q, preferred_element_type=dtype, precision=precision) * jnp.asarray(scale, dtype)
     allowed, keep = _head_tile_masks(dense_mask, head, batch_index, mask, rng, q_idx, kv_idx,
                                      masked=masked, rate=rate, num_kv=num_kv)
     p_t = jnp.exp(s_t - lse[None, :])
     if allowed is not None:
         p_t = jnp.where(allowed.T, p_t, 0.0)
-    dp_t = jnp.einsum("sh,th->st", v, do, preferred_element_type=dtype)
+    dp_t = jnp.einsum("sh,th->st", v, do, preferred_element_type=dtype, precision=precision)
     p_used = p_t
     if keep is not None:
         p_used = jnp.where(keep.T, p_t / (1.0 - rate), 0.0)
         dp_t = jnp.where(keep.T, dp_t / (1.0 - rate), 0.0)
-    dv = jnp.einsum("st,th->sh", p_used.astype(do.dtype), do, preferred_element_type=dtype)
+    dv = jnp.einsum("st,th->sh", p_used.astype(do.dtype), do, preferred_element_type=dtype, precision=precision)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk = jnp.einsum("st,th->sh", ds_t.astype(q.dtype), q, preferred_element_type=dtype)
-    dq = jnp.einsum("st,sh->th", ds_t.astype(k.dtype), k, preferred_element_type=dtype)
+    dk = jnp.einsum("st,th->sh", ds_t.astype(q.dtype), q, preferred_element_type=dtype, precision=precision)
+    dq = jnp.einsum("st,sh->th", ds_t.astype(k.dtype), k, preferred_element_type=dtype, precision=precision)
     # Scaling the [bq, H] / [bk, H] results, not the [bk, bq] tile.
     return dq * jnp.asarray(scale, dtype), dk * jnp.asarray(scale, dtype), dv
 
@@ -216,15 +219,24 @@ def _pad_last2(x, t_to, s_to, value):
     return jnp.pad(x, pads, constant_values=value)
 
 
+def _is_differentiable(leaf) -> bool:
+    return isinstance(leaf, jax.Array | np.ndarray) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+
+
+def _cotangent_tree(tree, diff_grads):
+    """A cotangent for ``tree``: ``diff_grads`` at its float leaves, None (zero) at the
+    others (ints, keys, static values)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    grads = iter(diff_grads)
+    return jax.tree_util.tree_unflatten(treedef, [next(grads) if _is_differentiable(x) else None for x in leaves])
+
+
 def _split_differentiable(tree):
     """Leaves of a score_mod that take gradients (inexact arrays) vs the rest."""
     if tree is None:
         return [], lambda leaves: None
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    diff_positions = [
-        n for n, leaf in enumerate(leaves)
-        if isinstance(leaf, jax.Array | np.ndarray) and jnp.issubdtype(leaf.dtype, jnp.inexact)
-    ]
+    diff_positions = [n for n, leaf in enumerate(leaves) if _is_differentiable(leaf)]
 
     def rebuild(diff_leaves):
         new = list(leaves)
@@ -233,6 +245,230 @@ def _split_differentiable(tree):
         return jax.tree_util.tree_unflatten(treedef, new)
 
     return [leaves[n] for n in diff_positions], rebuild
+
+
+# ------------------------------------------------------------------------------ plan
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What is static about one chunked call: sizes, tiles, options and the vmap axes
+    of the per-tile inputs.  Hashable, so it is the custom VJP's non-differentiable
+    argument; every array the algorithm uses travels in `Operands` instead."""
+
+    sizes: tuple[int, int, int]  # (B, K, G)
+    num_kv: int  # S: keys at or past it are tile padding
+    bq: int
+    bk: int
+    scale: float
+    rate: float
+    precision: Any
+    plain_scores: bool  # scores are scale·q·kᵀ and nothing else (no bias, no score_mod)
+    bias_axes: tuple
+    dense_mask_axes: tuple
+    mask_axes: Any
+    score_mod_axes: Any
+    static_kinds: tuple | None  # the tile table when known at trace time
+
+    def context_axes(self):
+        """in_axes of the per-tile context: dense_mask, head, batch_index, mask."""
+        return (self.dense_mask_axes, H.HEAD_ID, H.PER_EXAMPLE, (self.mask_axes, None, None))
+
+
+class Operands(NamedTuple):
+    """Every array of a chunked call, tile-major, as arguments of the custom VJP
+    (nothing traced is captured from outside it)."""
+
+    q: Array  # [nq, B, K, G, bq, H]
+    k: Array  # [nk, B, K, bk, H]
+    v: Array  # [nk, B, K, bk, Hv]
+    bias: Array | None  # padded to the tile grid, broadcast axes kept at 1
+    dense_mask: Array | None  # likewise
+    mask: Any  # a jattn.masks.Mask pytree (or None)
+    score_mod: Any  # a jattn.score_mods.ScoreMod pytree (or None)
+    head: Array  # [K, G] query-head ids
+    batch_index: Array  # [B]
+    rng: Array | None  # the dropout key
+    kinds: Array | None  # the tile table when it is only known at run time
+
+
+INDEX_AXES = (H.SHARED, H.SHARED, H.SHARED)  # rng, q_idx, kv_idx
+
+
+def _tile_context(plan: Plan, ops: Operands, i, j):
+    """The per-tile inputs every one-head tile function receives (see
+    `Plan.context_axes` and `INDEX_AXES`)."""
+    q_idx = i * plan.bq + jnp.arange(plan.bq, dtype=jnp.int32)
+    kv_idx = j * plan.bk + jnp.arange(plan.bk, dtype=jnp.int32)
+    dm_t = _tile_of(ops.dense_mask, i, j, plan.bq, plan.bk)
+    return (dm_t, ops.head, ops.batch_index, ops.mask), (ops.rng, q_idx, kv_idx)
+
+
+def _run_tiles(plan: Plan, ops: Operands, carry, tile_fn, fold, empty_fn):
+    """Apply every tile the schedule lists: for each pair (i, j),
+    ``carry = fold(i, j, carry, tile_fn(i, j, carry, masked))``.
+
+    ``tile_fn`` returns a small per-tile result (a q tile's softmax state, or a
+    tile's gradient contributions) and ``fold`` writes it into the large carry, so
+    the carry never passes through a conditional (which would copy it).  With a
+    static schedule the pairs come in fixed-length groups of one kind, so there is no
+    conditional and no data-dependent trip count at all (on GPU both cost a
+    device-to-host round trip per tile).  With a dynamic one every pair is visited
+    and a switch on its run-time kind skips EMPTY tiles.
+    """
+    kinds = ops.kinds if plan.static_kinds is None else np.array(plan.static_kinds, np.int8)
+    for pairs, kind in _schedule(kinds):
+        def step(carry, pair, kind=kind):
+            i, j = pair[0], pair[1]
+            if kind is None:
+                branches = [  # EMPTY, PARTIAL, FULL
+                    lambda: empty_fn(i, j, carry),
+                    lambda: tile_fn(i, j, carry, True),
+                    lambda: tile_fn(i, j, carry, False),
+                ]
+                result = lax.switch(kinds[i, j].astype(jnp.int32), branches)
+            else:
+                result = tile_fn(i, j, carry, kind == masks_lib.PARTIAL)
+            return fold(i, j, carry, result), None
+
+        carry, _ = lax.scan(step, carry, pairs)
+    return carry
+
+
+# --------------------------------------------------------------------------- forward
+def _forward(plan: Plan, ops: Operands):
+    """``(out [nq, B, K, G, bq, Hv], lse [nq, B, K, G, bq])``: the online softmax over
+    every listed tile; lse is -inf on rows with no allowed key (their out is 0)."""
+    Q, KV = H.PER_QUERY_HEAD, H.PER_KV_HEAD
+    acc_dtype = jnp.promote_types(ops.v.dtype, jnp.float32)
+    # Online-softmax state of every q tile; built from q so it shares q's sharding.
+    rows = jnp.zeros_like(ops.q[..., 0], acc_dtype)
+    acc = rows[..., None] + jnp.zeros((1,) * rows.ndim + (ops.v.shape[-1],), acc_dtype)
+    state = (rows + ops_lib.MASKED_SCORE, rows, acc)
+
+    def tile(i, j, state, masked):
+        context, (rng, q_idx, kv_idx) = _tile_context(plan, ops, i, j)
+        fn = functools.partial(_head_forward_tile, masked=masked, rate=plan.rate, scale=plan.scale,
+                               num_kv=plan.num_kv, precision=plan.precision)
+        return H.vmap_heads(
+            fn, Q, KV, KV, plan.bias_axes, *plan.context_axes(), (plan.score_mod_axes, None, None),
+            *INDEX_AXES, Q, Q, Q, sizes=plan.sizes,
+        )(ops.q[i], ops.k[j], ops.v[j], _tile_of(ops.bias, i, j, plan.bq, plan.bk), *context,
+          ops.score_mod, rng, q_idx, kv_idx, *(x[i] for x in state))
+
+    def fold(i, j, state, new):
+        return tuple(_set_at(x, i, n) for x, n in zip(state, new))
+
+    def unchanged(i, j, state):
+        return tuple(x[i] for x in state)
+
+    m, l, acc = _run_tiles(plan, ops, state, tile, fold, unchanged)
+    empty = l == 0.0
+    out = acc / jnp.where(empty, 1.0, l)[..., None]
+    lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+    return out.astype(ops.v.dtype), lse
+
+
+# -------------------------------------------------------------------------- backward
+def _backward_tile(plan: Plan, ops: Operands, d_out, lse_safe, delta, i, j, masked):
+    """This tile's contributions to (dQ_i, dK_j, dV_j, dbias_ij, dscore_mod leaves)."""
+    Q, KV = H.PER_QUERY_HEAD, H.PER_KV_HEAD
+    context, (rng, q_idx, kv_idx) = _tile_context(plan, ops, i, j)
+    common = dict(masked=masked, rate=plan.rate, num_kv=plan.num_kv, precision=plan.precision)
+    if plan.plain_scores:
+        grad = functools.partial(_head_backward_tile_transposed, scale=plan.scale, **common)
+        dq_t, dk_t, dv_t = H.vmap_heads(
+            grad, Q, KV, KV, Q, Q, Q, *plan.context_axes(), *INDEX_AXES, sizes=plan.sizes,
+        )(ops.q[i], ops.k[j], ops.v[j], d_out[i], lse_safe[i], delta[i], *context, rng, q_idx, kv_idx)
+        return dq_t, dk_t.sum(axis=2), dv_t.sum(axis=2), None, []
+
+    sm_leaves, rebuild_score_mod = _split_differentiable(ops.score_mod)
+
+    def scores(q_t, k_t, bias_t, sm_leaves):
+        fn = functools.partial(_head_scores, scale=plan.scale, precision=plan.precision)
+        return H.vmap_heads(
+            fn, Q, KV, plan.bias_axes, H.HEAD_ID, H.SHARED, H.SHARED, (plan.score_mod_axes, None, None),
+            sizes=plan.sizes,
+        )(q_t, k_t, bias_t, ops.head, q_idx, kv_idx, rebuild_score_mod(sm_leaves))
+
+    bias_t = _tile_of(ops.bias, i, j, plan.bq, plan.bk)
+    s, scores_vjp = jax.vjp(scores, ops.q[i], ops.k[j], bias_t, sm_leaves)
+    grad = functools.partial(_head_backward_tile, **common)
+    ds, dv_heads = H.vmap_heads(
+        grad, Q, KV, Q, Q, Q, *plan.context_axes(), *INDEX_AXES, sizes=plan.sizes,
+    )(s, ops.v[j], d_out[i], lse_safe[i], delta[i], *context, rng, q_idx, kv_idx)
+    dq_t, dk_t, dbias_t, dsm_t = scores_vjp(ds)
+    return dq_t, dk_t, dv_heads.sum(axis=2), dbias_t, dsm_t
+
+
+def _backward(plan: Plan, ops: Operands, out, lse, d_out):
+    """The cotangent of `Operands` from ``d_out``: dQ, dK, dV, dbias and the score
+    modifier's float leaves; None (zero) for the integer and key inputs."""
+    acc_dtype = jnp.promote_types(ops.q.dtype, jnp.float32)
+    delta = jnp.sum(d_out.astype(acc_dtype) * out.astype(acc_dtype), axis=-1)
+    # +inf on empty rows makes their recomputed p = e^(s - lse) exactly 0.
+    lse_safe = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
+    sm_leaves, rebuild_score_mod = _split_differentiable(ops.score_mod)
+    grads = (
+        jnp.zeros_like(ops.q, acc_dtype), jnp.zeros_like(ops.k, acc_dtype), jnp.zeros_like(ops.v, acc_dtype),
+        None if ops.bias is None else jnp.zeros_like(ops.bias, acc_dtype),
+        [jnp.zeros_like(x, acc_dtype) for x in sm_leaves],
+    )
+
+    def tile(i, j, _, masked):
+        return _backward_tile(plan, ops, d_out, lse_safe, delta, i, j, masked)
+
+    def fold(i, j, grads, contributions):
+        d_q, d_k, d_v, d_bias, d_sm = grads
+        dq_t, dk_t, dv_t, dbias_t, dsm_t = contributions
+        d_q = _add_at(d_q, i, dq_t)
+        d_k = _add_at(d_k, j, dk_t)
+        d_v = _add_at(d_v, j, dv_t)
+        if d_bias is not None:
+            d_bias = _add_tile(d_bias, dbias_t, i, j, plan.bq, plan.bk)
+        d_sm = [a + b.astype(acc_dtype) for a, b in zip(d_sm, dsm_t)]
+        return d_q, d_k, d_v, d_bias, d_sm
+
+    def nothing(i, j, grads):
+        shapes = jax.eval_shape(lambda: tile(i, j, grads, False))
+        return jax.tree_util.tree_map(
+            lambda x: jnp.zeros(x.shape, x.dtype, out_sharding=getattr(x, "sharding", None)), shapes
+        )
+
+    d_q, d_k, d_v, d_bias, d_sm = _run_tiles(plan, ops, grads, tile, fold, nothing)
+    d_score_mod = None
+    if ops.score_mod is not None:
+        d_score_mod = _cotangent_tree(ops.score_mod, [d.astype(x.dtype) for d, x in zip(d_sm, sm_leaves)])
+    return ops._replace(
+        q=d_q.astype(ops.q.dtype), k=d_k.astype(ops.k.dtype), v=d_v.astype(ops.v.dtype),
+        bias=None if ops.bias is None else d_bias.astype(ops.bias.dtype),
+        dense_mask=None, mask=None, score_mod=d_score_mod, head=None, batch_index=None, rng=None,
+        kinds=None,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(plan: Plan, ops: Operands):
+    """`_forward` with a backward that recomputes each tile from (out, lse)."""
+    return _forward(plan, ops)
+
+
+def _flash_fwd(plan: Plan, ops: Operands):
+    out, lse = _forward(plan, ops)
+    return (out, lse), (ops, out, lse)
+
+
+def _flash_bwd(plan: Plan, residuals, cotangents):
+    ops, out, lse = residuals
+    d_out, _ = cotangents  # lse is returned without gradient (as jax.nn does)
+    return (_backward(plan, ops, out, lse, d_out),)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _forward_mode(ops: Operands) -> bool:
+    """True under `jax.jvp` / `jax.linearize` (JVP tracers), where a custom VJP cannot
+    run: the plain forward is then differentiated by JAX instead."""
+    return any(isinstance(x, ad.JVPTracer) for x in jax.tree_util.tree_leaves(ops))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -245,15 +481,12 @@ def run(call: AttentionCall, platform: str):
     Tp, Sp = nq * bq, nk * bk
 
     g = H.group_heads(call)
-    mask = call.index_mask()
-    mask_axes = None
-    if mask is not None:
-        mask, mask_axes = mask.batch_in_axes(B, T, S)
-    score_mod = call.index_score_mod()
-    score_mod_axes = None
-    if score_mod is not None:
-        score_mod, score_mod_axes = score_mod.batch_in_axes(B, T, S)
-
+    mask, mask_axes = None, None
+    if (m := call.index_mask()) is not None:
+        mask, mask_axes = m.batch_in_axes(B, T, S)
+    score_mod, score_mod_axes = None, None
+    if (sm := call.index_score_mod()) is not None:
+        score_mod, score_mod_axes = sm.batch_in_axes(B, T, S)
     mask = H.batch_leaves_sharded_like(mask, mask_axes, g["q"])
     score_mod = H.batch_leaves_sharded_like(score_mod, score_mod_axes, g["q"])
 
@@ -263,157 +496,25 @@ def run(call: AttentionCall, platform: str):
     bias = _pad_last2(g["bias"], Tp, Sp, 0.0)
     dense_mask = _pad_last2(g["dense_mask"], Tp, Sp, False)
     kinds = _block_table(call, mask, mask_axes, dense_mask, nq, nk, bq, bk)
+    static = isinstance(kinds, np.ndarray)
 
-    # Tile-major layouts so the loops index the leading axis.
-    q_tiles = q.reshape(B, K, G, nq, bq, -1).transpose(3, 0, 1, 2, 4, 5)
-    k_tiles = k.reshape(B, K, nk, bk, -1).transpose(2, 0, 1, 3, 4)
-    v_tiles = v.reshape(B, K, nk, bk, -1).transpose(2, 0, 1, 3, 4)
-
-    sm_leaves, rebuild_score_mod = _split_differentiable(score_mod)
-    # Scores are scale·q·kᵀ and nothing else: the backward can skip jax.vjp (below).
-    plain_scores = score_mod is None and g["bias"] is None
-    sizes = H.head_sizes(call)
-    rate = call.dropout_rate
-    Q, KV, SHARED = H.PER_QUERY_HEAD, H.PER_KV_HEAD, H.SHARED
-    # in_axes of the per-tile inputs every one-head tile function receives, in order:
-    # dense_mask, head, batch_index, mask, (score_mod,) rng, q_idx, kv_idx.
-    context_axes = (g["dense_mask_axes"], H.HEAD_ID, H.PER_EXAMPLE, (mask_axes, None, None))
-    index_axes = (SHARED, SHARED, SHARED)
-
-    def tile_context(i, j, dense_mask, rng):
-        q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)
-        kv_idx = j * bk + jnp.arange(bk, dtype=jnp.int32)
-        dm_t = _tile_of(dense_mask, i, j, bq, bk)
-        return (dm_t, g["head"], g["batch_index"], mask), (rng, q_idx, kv_idx)
-
-    def tile_scores(q_t, k_t, bias_t, sm_leaves, q_idx, kv_idx):
-        fn = functools.partial(_head_scores, scale=call.scale)
-        return H.vmap_heads(
-            fn, Q, KV, g["bias_axes"], H.HEAD_ID, SHARED, SHARED, (score_mod_axes, None, None), sizes=sizes,
-        )(q_t, k_t, bias_t, g["head"], q_idx, kv_idx, rebuild_score_mod(sm_leaves))
-
-    def run_tiles(carry, tile_fn, fold, empty_fn, kinds_):
-        """Apply every tile the schedule lists: for each pair (i, j),
-        ``carry = fold(i, j, carry, tile_fn(i, j, carry, masked))``.
-
-        ``tile_fn`` returns a small per-tile result (a q tile's softmax state, or a
-        tile's gradient contributions) and ``fold`` writes it into the large carry,
-        so the carry never passes through a conditional (which would copy it).  With
-        a static schedule the pairs come in fixed-length groups of one kind, so
-        there is no conditional and no data-dependent trip count at all (on GPU
-        both cost a device-to-host round trip per tile).  With a dynamic one every
-        pair is visited and a switch on its run-time kind skips EMPTY tiles.
-        """
-        for pairs, kind in _schedule(kinds_):
-            def step(carry, pair, kind=kind):
-                i, j = pair[0], pair[1]
-                if kind is None:
-                    branches = [  # EMPTY, PARTIAL, FULL
-                        lambda: empty_fn(i, j, carry),
-                        lambda: tile_fn(i, j, carry, True),
-                        lambda: tile_fn(i, j, carry, False),
-                    ]
-                    result = lax.switch(jnp.asarray(kinds_)[i, j].astype(jnp.int32), branches)
-                else:
-                    result = tile_fn(i, j, carry, kind == masks_lib.PARTIAL)
-                return fold(i, j, carry, result), None
-
-            carry, _ = lax.scan(step, carry, pairs)
-        return carry
-
-    def forward(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_):
-        acc_dtype = jnp.promote_types(v_tiles.dtype, jnp.float32)
-        # Online-softmax state of every q tile; built from q so it shares q's sharding.
-        rows = jnp.zeros_like(q_tiles[..., 0], acc_dtype)
-        state = (rows + ops.MASKED_SCORE, rows, rows[..., None] + jnp.zeros(v_tiles.shape[-1], acc_dtype))
-
-        def tile(i, j, state, masked):
-            (dm_t, head, b_idx, mask_), (rng_, q_idx, kv_idx) = tile_context(i, j, dense_mask, rng)
-            fn = functools.partial(_head_forward_tile, masked=masked, rate=rate, scale=call.scale, num_kv=S)
-            sm_axes = (score_mod_axes, None, None)
-            return H.vmap_heads(
-                fn, Q, KV, KV, g["bias_axes"], *context_axes, sm_axes, *index_axes, Q, Q, Q, sizes=sizes,
-            )(q_tiles[i], k_tiles[j], v_tiles[j], _tile_of(bias, i, j, bq, bk), dm_t, head, b_idx, mask_,
-              rebuild_score_mod(sm_leaves), rng_, q_idx, kv_idx, *(x[i] for x in state))
-
-        def fold(i, j, state, new):
-            return tuple(_set_at(x, i, n) for x, n in zip(state, new))
-
-        def unchanged(i, j, state):
-            return tuple(x[i] for x in state)
-
-        m, l, acc = run_tiles(state, tile, fold, unchanged, kinds_)
-        out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
-        lse = jnp.where(l == 0.0, -jnp.inf, m + jnp.log(jnp.where(l == 0.0, 1.0, l)))
-        return out.astype(v_tiles.dtype), lse
-
-    @jax.custom_vjp
-    def flash(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_):
-        return forward(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_)
-
-    def flash_fwd(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_):
-        out, lse = forward(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_)
-        residuals = (q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_, out, lse)
-        return (out, lse), residuals
-
-    def flash_bwd(residuals, cotangents):
-        q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, rng, kinds_, out, lse = residuals
-        d_out, _ = cotangents  # lse is returned without gradient (as jax.nn does)
-        acc_dtype = jnp.promote_types(q_tiles.dtype, jnp.float32)
-        delta = jnp.sum(d_out.astype(acc_dtype) * out.astype(acc_dtype), axis=-1)
-        lse_safe = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
-        grads = (
-            jnp.zeros_like(q_tiles, acc_dtype), jnp.zeros_like(k_tiles, acc_dtype),
-            jnp.zeros_like(v_tiles, acc_dtype), None if bias is None else jnp.zeros_like(bias, acc_dtype),
-            [jnp.zeros_like(x, acc_dtype) for x in sm_leaves],
-        )
-
-        def tile(i, j, _, masked):
-            """This tile's contributions to (dQ_i, dK_j, dV_j, dbias_ij, dscore_mod)."""
-            context, (rng_, q_idx, kv_idx) = tile_context(i, j, dense_mask, rng)
-            if plain_scores:
-                grad = functools.partial(_head_backward_tile_transposed, masked=masked, rate=rate,
-                                         scale=call.scale, num_kv=S)
-                dq_t, dk_t, dv_t = H.vmap_heads(
-                    grad, Q, KV, KV, Q, Q, Q, *context_axes, *index_axes, sizes=sizes,
-                )(q_tiles[i], k_tiles[j], v_tiles[j], d_out[i], lse_safe[i], delta[i], *context, rng_, q_idx, kv_idx)
-                return dq_t, dk_t.sum(axis=2), dv_t.sum(axis=2), None, []
-            scores_fn = lambda q_, k_, b_, sm_: tile_scores(q_, k_, b_, sm_, q_idx, kv_idx)
-            bias_t = _tile_of(bias, i, j, bq, bk)
-            s_, scores_vjp = jax.vjp(scores_fn, q_tiles[i], k_tiles[j], bias_t, sm_leaves)
-            grad = functools.partial(_head_backward_tile, masked=masked, rate=rate, num_kv=S)
-            ds, dv_heads = H.vmap_heads(
-                grad, Q, KV, Q, Q, Q, *context_axes, *index_axes, sizes=sizes,
-            )(s_, v_tiles[j], d_out[i], lse_safe[i], delta[i], *context, rng_, q_idx, kv_idx)
-            dq_t, dk_t, dbias_t, dsm_t = scores_vjp(ds)
-            return dq_t, dk_t, dv_heads.sum(axis=2), dbias_t, dsm_t
-
-        def fold(i, j, grads, contributions):
-            d_q, d_k, d_v, d_bias, d_sm = grads
-            dq_t, dk_t, dv_t, dbias_t, dsm_t = contributions
-            d_q = _add_at(d_q, i, dq_t)
-            d_k = _add_at(d_k, j, dk_t)
-            d_v = _add_at(d_v, j, dv_t)
-            if d_bias is not None:
-                d_bias = _add_tile(d_bias, dbias_t, i, j, bq, bk)
-            d_sm = [a + b.astype(acc_dtype) for a, b in zip(d_sm, dsm_t)]
-            return d_q, d_k, d_v, d_bias, d_sm
-
-        def nothing(i, j, grads):
-            shapes = jax.eval_shape(lambda: tile(i, j, grads, False))
-            return jax.tree_util.tree_map(
-                lambda x: jnp.zeros(x.shape, x.dtype, out_sharding=getattr(x, "sharding", None)), shapes
-            )
-
-        d_q, d_k, d_v, d_bias, d_sm = run_tiles(grads, tile, fold, nothing, kinds_)
-        return (
-            d_q.astype(q_tiles.dtype), d_k.astype(k_tiles.dtype), d_v.astype(v_tiles.dtype),
-            None if bias is None else d_bias.astype(bias.dtype), None,
-            [d.astype(x.dtype) for d, x in zip(d_sm, sm_leaves)], None, None,
-        )
-
-    flash.defvjp(flash_fwd, flash_bwd)
-    out, lse = flash(q_tiles, k_tiles, v_tiles, bias, dense_mask, sm_leaves, call.dropout_rng, kinds)
+    plan = Plan(
+        sizes=(B, K, G), num_kv=S, bq=bq, bk=bk, scale=call.scale, rate=call.dropout_rate,
+        precision=call.precision, plain_scores=score_mod is None and g["bias"] is None,
+        bias_axes=tuple(g["bias_axes"]), dense_mask_axes=tuple(g["dense_mask_axes"]),
+        mask_axes=mask_axes, score_mod_axes=score_mod_axes,
+        static_kinds=tuple(map(tuple, kinds.tolist())) if static else None,
+    )
+    ops = Operands(
+        # Tile-major layouts so the loops index the leading axis.
+        q=q.reshape(B, K, G, nq, bq, -1).transpose(3, 0, 1, 2, 4, 5),
+        k=k.reshape(B, K, nk, bk, -1).transpose(2, 0, 1, 3, 4),
+        v=v.reshape(B, K, nk, bk, -1).transpose(2, 0, 1, 3, 4),
+        bias=bias, dense_mask=dense_mask, mask=mask, score_mod=score_mod,
+        head=g["head"], batch_index=g["batch_index"], rng=call.dropout_rng,
+        kinds=None if static else kinds,
+    )
+    out, lse = (_forward if _forward_mode(ops) else _flash)(plan, ops)
 
     out = out.transpose(1, 2, 3, 0, 4, 5).reshape(B, K, G, Tp, -1)[:, :, :, :T]
     out = H.ungroup_output(out)
@@ -463,3 +564,10 @@ def _add_tile(total, tile, i, j, bq, bk):
     ]
     current = lax.dynamic_slice(total, start, tile.shape)
     return lax.dynamic_update_slice(total, current + tile.astype(total.dtype), start)
+
+
+BACKEND = Backend(
+    name=NAME, supports=SUPPORTS, limits=lambda call, platform: None, run=run,
+    description="flash-style online softmax over tiles in pure JAX; O(T) memory",
+    lacks="cannot give {features}: it never materialises the weights, so it cannot return them (dense can)",
+)

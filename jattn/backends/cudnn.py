@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jattn.backends.contract import Backend
 from jattn.call import AttentionCall
 
 NAME = "cudnn"
@@ -20,7 +21,14 @@ NAME = "cudnn"
 MAX_HEAD_DIM = 128
 
 
-def refusal(call: AttentionCall, platform: str) -> str | None:
+SUPPORTS = frozenset({
+    "bias", "causal", "local_window", "query_seq_lengths", "key_value_seq_lengths",
+    "return_residual",
+})
+
+
+def limits(call: AttentionCall, platform: str) -> str | None:
+    """What jax.nn's cuDNN path cannot do beyond the features it lacks."""
     s = call.shape
     if platform != "gpu":
         return f"needs an NVIDIA GPU (platform is {platform})"
@@ -29,21 +37,6 @@ def refusal(call: AttentionCall, platform: str) -> str | None:
     if s["H"] % 8 or s["H"] > MAX_HEAD_DIM or s["Hv"] != s["H"]:
         return (f"needs a head dim that is a multiple of 8, at most {MAX_HEAD_DIM}, and the "
                 f"same for values; got H={s['H']}, Hv={s['Hv']}")
-    unsupported = {
-        "dropout": call.dropout_rate > 0.0,
-        "returning the weights": call.return_weights,
-        "segment ids": call.segment_ids is not None,
-        "a mask object or mask function": call.user_mask is not None,
-        "a boolean mask array": call.dense_mask is not None,
-        "score_mod": call.user_score_mod is not None,
-        "logits soft-capping": call.logits_soft_cap is not None,
-    }
-    for feature, used in unsupported.items():
-        if used:
-            return f"jax.nn's cuDNN path has no {feature}"
-    positional = call.is_causal or call.local_window_size is not None
-    if positional and not (isinstance(call.query_offset, int) and call.query_offset == 0):
-        return "its causal / window masks are top-left aligned: no query_offset"
     if call.local_window_size is not None:
         left, right = call.local_window_size
         if right != 0 and not call.is_causal:
@@ -82,3 +75,10 @@ def run(call: AttentionCall, platform: str):
         if lse is not None:
             lse = jnp.where(has_key[:, :, None], lse, -jnp.inf)
     return out, None, lse
+
+
+BACKEND = Backend(
+    name=NAME, supports=SUPPORTS, limits=limits, run=run,
+    description="jax.nn.dot_product_attention(implementation='cudnn'): NVIDIA's fused kernel",
+    lacks="jax.nn's cuDNN path has no {features}",
+)

@@ -12,25 +12,17 @@ import jax.numpy as jnp
 
 from jattn import ops
 from jattn.backends import heads as H
-from jattn.call import AttentionCall
+from jattn.backends.contract import Backend
+from jattn.call import FEATURES, AttentionCall
 
 NAME = "dense"
-
-
-def refusal(call: AttentionCall, platform: str) -> str | None:
-    """The dense backend serves every call."""
-    return None
-
-
-def head_dropout_key(rng, batch_index, head):
-    """The dropout key of one (example, query head); every backend derives it so."""
-    return jax.random.fold_in(jax.random.fold_in(rng, batch_index), head)
 
 
 def _one_head(q, k, v, bias, dense_mask, head, batch_index, mask, score_mod, *, call):
     """One example, one query head: q [T, H], k [S, H], v [S, Hv] -> context, weights, lse."""
     T, S = q.shape[0], k.shape[0]
-    scores = ops.attention_scores(q, k, scale=call.scale, bias=bias, score_mod=score_mod, head=head)
+    scores = ops.attention_scores(q, k, scale=call.scale, bias=bias, score_mod=score_mod, head=head,
+                                  precision=call.precision)
     allowed = ops.evaluate_mask(mask, (T, S))
     if dense_mask is not None:
         dense_mask = jnp.broadcast_to(dense_mask, (T, S))
@@ -38,9 +30,9 @@ def _one_head(q, k, v, bias, dense_mask, head, batch_index, mask, score_mod, *, 
     weights = ops.attention_weights(scores, allowed)
     lse = ops.log_normalizer(scores, allowed) if call.return_residual else None
     if call.dropout_rate > 0.0:
-        key = head_dropout_key(call.dropout_rng, batch_index, head)
+        key = H.head_dropout_key(call.dropout_rng, batch_index, head)
         weights = ops.dropout_weights(weights, key, call.dropout_rate)
-    return ops.context_vectors(weights, v), weights, lse
+    return ops.context_vectors(weights, v, precision=call.precision), weights, lse
 
 
 def run(call: AttentionCall, platform: str):
@@ -73,3 +65,12 @@ def run(call: AttentionCall, platform: str):
     if lse is not None:
         lse = H.ungroup_rows(lse).transpose(0, 2, 1)
     return out, weights, lse
+
+
+BACKEND = Backend(
+    name=NAME,
+    supports=frozenset(FEATURES),  # every feature: the reference
+    limits=lambda call, platform: None,
+    run=run,
+    description="the step functions vmapped over heads and batch; materialises [T, S] per head",
+)

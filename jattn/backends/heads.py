@@ -146,6 +146,11 @@ def _map_level(fn, in_axes: tuple, size: int):
     return call
 
 
+def head_dropout_key(rng, batch_index, head):
+    """The dropout key of one (example, query head); every backend derives it so."""
+    return jax.random.fold_in(jax.random.fold_in(rng, batch_index), head)
+
+
 def head_sizes(call: AttentionCall) -> tuple[int, int, int]:
     """``(B, K, G)`` of a call."""
     s = call.shape

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn.backends import flash_kernels as fk
+from jattn.backends.contract import Backend
 from jattn.call import AttentionCall
 
 NAME = "pallas"
@@ -41,7 +42,14 @@ Tiles = fk.Tiles
 DEFAULT_TILES = Tiles()
 
 
-def refusal(call: AttentionCall, platform: str) -> str | None:
+SUPPORTS = frozenset({
+    "causal", "local_window", "query_offset", "query_seq_lengths", "key_value_seq_lengths",
+    "segment_ids", "logits_soft_cap", "return_residual",
+})
+
+
+def limits(call: AttentionCall, platform: str) -> str | None:
+    """What the kernels cannot do beyond the features they lack."""
     s = call.shape
     if platform != "gpu":
         return f"its kernels are compiled by Triton for NVIDIA GPUs (platform is {platform})"
@@ -52,20 +60,6 @@ def refusal(call: AttentionCall, platform: str) -> str | None:
                 "dots round to TF32; chunked keeps float32 accuracy)")
     if s["Hv"] != s["H"] or s["H"] > MAX_HEAD_DIM:
         return f"needs equal query/value head dims of at most {MAX_HEAD_DIM}; got H={s['H']}, Hv={s['Hv']}"
-    unsupported = {
-        "dropout": call.dropout_rate > 0.0,
-        "returning the weights": call.return_weights,
-        "a bias": call.bias is not None,
-        "a boolean mask array": call.dense_mask is not None,
-        "a mask object or mask function": call.user_mask is not None,
-        "score_mod": call.user_score_mod is not None,
-    }
-    for feature, used in unsupported.items():
-        if used:
-            return f"its kernels have no {feature} (chunked has)"
-    positional = call.is_causal or call.local_window_size is not None
-    if positional and not isinstance(call.query_offset, int):
-        return "its causal / window band needs query_offset as a Python int, not an array"
     if (spec := _sharded_spec(call.query)) is not None:
         # A Triton call has no partitioning rule: XLA would gather every shard to
         # every device.  Inside jax.shard_map the call sees its local shard only.
@@ -165,3 +159,10 @@ def run(call: AttentionCall, platform: str, *, tiles: Tiles = DEFAULT_TILES, int
         out = jnp.where(has_row[..., None], out, 0).astype(out.dtype)
         lse = jnp.where(has_row, lse, -jnp.inf)
     return out, None, (lse if call.return_residual else None)
+
+
+BACKEND = Backend(
+    name=NAME, supports=SUPPORTS, limits=limits, run=run,
+    description="jattn's fused Pallas (Triton) flash-attention kernels for NVIDIA GPUs",
+    lacks="its kernels have no {features} (chunked has)",
+)

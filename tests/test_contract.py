@@ -1,0 +1,101 @@
+"""The backend contract fails closed: a backend serves only the features it declares,
+and one registry is the only list of backends."""
+
+import ast
+import dataclasses
+import pathlib
+
+import jax.numpy as jnp
+import pytest
+
+import jattn
+from jattn import call as call_lib
+from jattn import dispatch
+from jattn.attention import make_call
+from jattn.backends import contract, registry
+
+
+@dataclasses.dataclass(frozen=True)
+class CallWithNewField(call_lib.AttentionCall):
+    """What a developer adds next: a new field on the call, not yet declared."""
+
+    made_up: int = 1
+
+
+def _new_field_call(**kwargs):
+    q = jnp.ones((1, 5, 2, 4))
+    base = make_call(q, q, q, **kwargs)
+    return CallWithNewField(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+
+
+def test_every_call_field_declares_its_features():
+    fields = {f.name for f in dataclasses.fields(call_lib.AttentionCall)}
+    assert fields == set(call_lib.FIELD_FEATURES)
+    declared = set().union(*(f(make_call(jnp.ones((1, 3, 1, 2)), jnp.ones((1, 3, 1, 2)), jnp.ones((1, 3, 1, 2)),
+                                         is_causal=True)) for f in call_lib.FIELD_FEATURES.values()))
+    assert declared <= set(call_lib.FEATURES)
+
+
+def test_an_undeclared_field_is_refused_by_every_backend():
+    call = _new_field_call()
+    assert "made_up" in call.features()
+    for name, backend in registry.BACKENDS.items():
+        why = contract.refusal(backend, call, "cpu")
+        assert why is not None and "'made_up'" in why, (name, why)
+    with pytest.raises(ValueError, match="no backend can serve this call on cpu.*made_up"):
+        dispatch.choose(call, "cpu")
+
+
+def test_only_the_backend_that_declares_a_feature_serves_it(monkeypatch):
+    monkeypatch.setitem(call_lib.FIELD_FEATURES, "made_up", lambda c: {"made_up_feature"} if c.made_up else set())
+    monkeypatch.setitem(call_lib.FEATURES, "made_up_feature", "a made-up feature")
+    dense = registry.BACKENDS["dense"]
+    fake = dataclasses.replace(dense, name="fake", supports=dense.supports | {"made_up_feature"})
+    monkeypatch.setitem(registry.BACKENDS, "fake", fake)
+
+    call = dataclasses.replace(_new_field_call(), implementation="fake")
+    choice = dispatch.choose(call, "cpu")
+    assert choice.backend == "fake"
+    for name in ("dense", "chunked", "cudnn", "pallas"):
+        assert "a made-up feature" in contract.refusal(registry.BACKENDS[name], call, "cpu"), name
+    with pytest.raises(ValueError, match="implementation='chunked' cannot serve this call: .*a made-up feature"):
+        dispatch.choose(dataclasses.replace(call, implementation="chunked"), "cpu")
+    # With the field at its neutral value nothing is asked of the backends.
+    plain = dataclasses.replace(call, made_up=0, implementation=None)
+    assert dispatch.choose(plain, "cpu").backend == "dense"
+
+
+def test_explain_names_the_missing_feature():
+    q = jnp.ones((1, 64, 2, 64), jnp.bfloat16)
+    why = jattn.explain(q, q, q, platform="gpu", score_mod=lambda s, h, i, j: s)
+    assert "score_mod" in why.refused["cudnn"] and "score_mod" in why.refused["pallas"]
+
+
+def test_features_of_a_call():
+    q = jnp.ones((2, 5, 2, 4))
+    call = make_call(q, q, q, is_causal=True, query_offset=jnp.array([1, 2]), logits_soft_cap=5.0)
+    assert call.features() == {"causal", "query_offset_array", "logits_soft_cap"}
+    # An offset without a causal or window band changes nothing, so it is no feature.
+    assert make_call(q, q, q, query_offset=3).features() == frozenset()
+
+
+def test_implementation_values_come_from_the_registry():
+    q = jnp.ones((1, 5, 2, 4))
+    with pytest.raises(ValueError, match="expected one of None, 'xla', 'dense', 'chunked', 'cudnn', 'pallas'"):
+        make_call(q, q, q, implementation="flash")
+
+
+def test_no_backend_imports_another_backend():
+    backend_modules = {b.run.__module__.rsplit(".", 1)[-1] for b in registry.BACKENDS.values()}
+    folder = pathlib.Path(jattn.__file__).parent / "backends"
+    for path in folder.glob("*.py"):
+        if path.stem == "registry":
+            continue
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "jattn.backends":
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jattn.backends."):
+                imported.add(node.module.rsplit(".", 1)[-1])
+        others = (imported & backend_modules) - {path.stem}
+        assert not others, f"{path.name} imports backend module(s) {sorted(others)}"
