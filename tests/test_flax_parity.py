@@ -691,3 +691,20 @@ def test_adapter_refuses_custom_matmuls():
                                             qk_attn_weights_einsum_cls=Einsum, attn_weights_value_einsum_cls=Einsum)
     with pytest.raises(ValueError, match=r"qk_attn_weights_einsum: custom einsums are not supported"):
         layer.init(jax.random.key(0), jnp.ones((B, T, D)))
+
+
+def test_docs_table_names_every_flax_argument():
+    """docs/modules.md's table says what jattn does with each of Flax's arguments."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "modules.md").read_text()
+    table = text[text.index("#### Flax's arguments"):text.index("### Decoding with the KV cache")]
+    named = set(re.findall(r"`([A-Za-z_0-9]+)", table))
+    flax_names = set()
+    for fn in (nnx.MultiHeadAttention.__init__, nnx.MultiHeadAttention.__call__, nnx.MultiHeadAttention.set_view,
+               nnx.MultiHeadAttention.init_cache, nn.MultiHeadDotProductAttention.__call__,
+               nnx.dot_product_attention, nn.dot_product_attention):
+        flax_names |= set(inspect.signature(fn).parameters) - {"self", "input_shape", "batch_size", "max_length"}
+    flax_names |= set(nn.MultiHeadDotProductAttention.__dataclass_fields__) - {"parent", "name"}
+    assert flax_names - named == set()
