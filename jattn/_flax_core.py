@@ -477,11 +477,9 @@ class Attended:
 
 def weights_times_values(weights: Array, value: Array, precision=None) -> Array:
     """weights ``[B, N, T, S]`` · value ``[B, S, K, Hv]`` -> ``[B, T, N, Hv]`` (GQA:
-    query head n reads kv head n // G)."""
+    query head n reads kv head n // G); ``precision`` as in `jax.numpy.einsum`."""
     B, N, T, S = weights.shape
     K, Hv = value.shape[2:]
-    if isinstance(precision, (tuple, list)):
-        precision = precision[1]
     w = weights.reshape(B, K, N // K, T, S)
     out = jnp.einsum(
         "BKGTS,BSKH->BTKGH", w, value, precision=precision,

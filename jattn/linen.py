@@ -187,12 +187,12 @@ class MultiHeadAttention(nn.Module):
         )
 
     def _custom(self, *, dropout_rng, deterministic, sow_weights):
-        """The user's ``attention_fn`` called as Flax's module calls it: the keyword
-        arguments it declares, from Flax's set (plus ``bias`` / ``is_causal`` when a
-        jattn call sets them)."""
+        """The user's ``attention_fn`` called as Flax's module calls it: with those of
+        Flax's keyword arguments that the function names (as Flax filters them); a
+        ``mask`` (or jattn's ``bias`` / ``is_causal``) it does not name is an error
+        (Flax's module would drop the mask silently)."""
         fn = self.attention_fn
-        accepted = inspect.signature(fn).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+        accepted = set(inspect.signature(fn).parameters)
         flax_kwargs = dict(
             dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
             broadcast_dropout=self.broadcast_dropout, deterministic=deterministic, dtype=self.dtype,
@@ -206,13 +206,13 @@ class MultiHeadAttention(nn.Module):
 
         def call(q, k, v, mask, bias, is_causal):
             kwargs = dict(flax_kwargs)
-            for name, value, given in (("mask", mask, True), ("bias", bias, bias is not None),
-                                       ("is_causal", is_causal, bool(is_causal))):
-                if name in accepted or takes_any:
-                    if given:
-                        kwargs[name] = value
-                elif given and value is not None:
-                    raise ValueError(f"{name}: the attention_fn {fn!r} does not take it")
+            # Flax's module drops a mask the function does not name; jattn refuses instead.
+            for name, value, given in (("mask", mask, mask is not None), ("bias", bias, bias is not None),
+                                       ("is_causal", True, bool(is_causal))):
+                if given:
+                    if name not in accepted:
+                        raise ValueError(f"{name}: the attention_fn {fn!r} does not take it")
+                    kwargs[name] = value
             if sow_weights:
                 kwargs["module"] = self
             return fn(q, k, v, **kwargs)

@@ -618,6 +618,9 @@ def test_linen_refusals():
     with pytest.raises(ValueError, match=r"is_causal: the attention_fn .* does not take it"):
         jattn.linen.MultiHeadAttention(num_heads=2, attention_fn=nn.dot_product_attention).init(
             jax.random.key(0), x, is_causal=True)
+    maskless = jattn.linen.MultiHeadAttention(num_heads=2, attention_fn=lambda q, k, v, **kw: q)
+    with pytest.raises(ValueError, match=r"mask: the attention_fn .* does not take it"):
+        maskless.init(jax.random.key(0), x, mask=jnp.ones((B, 1, T, T), bool))
     with pytest.raises(TypeError, match=r"unknown keyword argument 'segment_id' \(did you mean"):
         jattn.linen.MultiHeadAttention(num_heads=2).init(jax.random.key(0), x, segment_id=1)
 
