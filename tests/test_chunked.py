@@ -212,3 +212,63 @@ def test_low_precision_chunked(dtype):
     assert_close(f32(out), ref_out, 2e-2)
     grads = _grads(_attend("chunked", {"is_causal": True}), q, k, v)
     assert all(g.dtype == dtype and bool(jnp.isfinite(f32(g)).all()) for g in grads)
+
+
+# ----------------------------------------------------------- composition regressions
+# Each of these failed before the custom VJP took every traced array as an argument
+# (head ids, batch indices, mask / score-mod leaves and the dropout key were captured).
+_Q, _K, _V = qkv(11, 2, 20, 20, 4, 2, 8)
+_ALIBI = score_mods.ALiBi(num_heads=4, offset=jnp.array([1, 3]))
+_KEY = jax.random.key(5)
+
+
+def _loss(impl, **kw):
+    def loss(q, k, v):
+        out = jattn.dot_product_attention(q, k, v, implementation=impl, block_sizes=(8, 8), **kw)
+        return (out * jnp.cos(out)).sum()
+    return loss
+
+
+def _scan_twice(f):
+    """A loss that runs ``f`` in both steps of a `lax.scan` (so its gradient doubles)."""
+    return lambda q, k, v: jax.lax.scan(lambda c, _: (c + f(q, k, v), None), 0.0, None, length=2)[0] / 2
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        lambda f: jax.grad(jax.checkpoint(f), argnums=(0, 1, 2)),
+        lambda f: jax.grad(jax.jit(f), argnums=(0, 1, 2)),
+        lambda f: jax.jit(jax.grad(f, argnums=(0, 1, 2))),
+        lambda f: jax.grad(_scan_twice(f), argnums=(0, 1, 2)),
+    ],
+    ids=["grad(checkpoint)", "grad(jit)", "jit(grad)", "grad(scan)"],
+)
+def test_gradients_compose_with_transformations(transform):
+    # Every kind of traced input the VJP once captured, in one call: dropout's key,
+    # ALiBi's array offset, an array query offset and lengths (mask leaves).
+    kw = dict(dropout_rate=0.3, dropout_rng=_KEY, score_mod=_ALIBI, is_causal=True,
+              query_offset=jnp.array([0, 4]), key_value_seq_lengths=jnp.array([3, 20]))
+    expected = jax.grad(_loss("dense", **kw), argnums=(0, 1, 2))(_Q, _K, _V)
+    got = transform(_loss("chunked", **kw))(_Q, _K, _V)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=2e-4, atol=2e-5)
+
+
+def test_no_implicit_rank_promotion_or_dtype_promotion():
+    with jax.numpy_rank_promotion("raise"), jax.numpy_dtype_promotion("strict"):
+        out = jattn.dot_product_attention(_Q, _K, _V, implementation="chunked", block_sizes=(8, 8),
+                                          is_causal=True, score_mod=_ALIBI)
+        grads = jax.grad(_loss("chunked", is_causal=True, dropout_rate=0.2, dropout_rng=_KEY), argnums=(0, 1, 2))(_Q, _K, _V)
+    expected = jattn.dot_product_attention(_Q, _K, _V, implementation="dense", is_causal=True, score_mod=_ALIBI)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    assert all(bool(jnp.isfinite(g).all()) for g in grads)
+
+
+def test_forward_mode_differentiates_the_plain_forward():
+    tangents = tuple(jax.random.normal(jax.random.key(n), x.shape) for n, x in enumerate((_Q, _K, _V)))
+    f = lambda impl: lambda q, k, v: jattn.dot_product_attention(  # noqa: E731
+        q, k, v, implementation=impl, block_sizes=(8, 8), is_causal=True, score_mod=_ALIBI)
+    _, t_chunked = jax.jvp(f("chunked"), (_Q, _K, _V), tangents)
+    _, t_dense = jax.jvp(f("dense"), (_Q, _K, _V), tangents)
+    np.testing.assert_allclose(t_chunked, t_dense, rtol=1e-4, atol=1e-5)
