@@ -527,6 +527,8 @@ def run(
     bias = batch.broadcastable("bias", bias)
     kwargs = given_options(options)
     kwargs.pop("dropout_rate", None)
+    # Always explicit: `jattn.cache.decode_attention` defaults to causal, the modules do not.
+    kwargs["is_causal"] = bool(options.get("is_causal", False))
     for name, trailing in _PER_EXAMPLE.items():
         if name in kwargs:
             kwargs[name] = batch.per_example(name, kwargs[name], trailing)

@@ -319,7 +319,11 @@ def test_nnx_precision_reaches_every_matmul():
 
     def precisions(layer, **call):
         graphdef, state = nnx.split(layer)
-        return _dot_precisions(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x, **call))(state).jaxpr)
+
+        def run(s):
+            return nnx.capture(nnx.merge(graphdef, s), nnx.Intermediate)(x, **call)
+
+        return _dot_precisions(jax.make_jaxpr(run)(state).jaxpr)
 
     theirs = precisions(nnx.MultiHeadAttention(2, D, precision=high, decode=False, rngs=nnx.Rngs(0)), sow_weights=True)
     assert theirs == [(high, high)] * 6
@@ -347,9 +351,11 @@ def test_nnx_stateful_decoding_equals_flax_and_the_full_causal_forward():
         assert_close(got, want, RTOL)
         assert_close(got[..., 0, :], full[..., t, :], RTOL)
     np.testing.assert_array_equal(ours.kv_cache.get_value().lengths, L)
-    # jattn extra: several tokens per call (a prefill).
+    # jattn extra: several tokens per call (a prefill), causal if asked (as without a cache).
     ours.init_cache(seq.shape)
-    assert_close(ours(seq), full, RTOL)
+    assert_close(ours(seq, is_causal=True), full, RTOL)
+    ours.init_cache(seq.shape)
+    assert_close(ours(seq), ours(seq, decode=False), RTOL)
 
 
 def test_nnx_stateful_decoding_through_a_custom_attention_fn():
