@@ -603,6 +603,14 @@ def run(
         out, new_cache, w = attend(False, return_weights or sow)
         return Attended(out, new_cache, w if return_weights else None, w if sow else None)
     if dropout.broadcast:
+        if kwargs.get("implementation") not in (None, "dense", "xla"):
+            raise ValueError(
+                f"broadcast_dropout: True (Flax's pattern, one [T, S] mask shared by the batch and "
+                f"the heads) multiplies the attention weights, which only the dense backend "
+                f"materialises; implementation={kwargs['implementation']!r} cannot serve it.  Pass "
+                f"broadcast_dropout=False for jattn's own dropout (independent per example and "
+                f"head), which every backend runs"
+            )
         _, new_cache, w = attend(False, True)
         dropped = w * dropout.keep_multiplier(T, w.shape[-1], w.dtype)
         values = value if new_cache is None else new_cache.values

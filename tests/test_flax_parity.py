@@ -220,6 +220,13 @@ def test_nnx_broadcast_dropout_is_flaxs_exactly(keep_rngs):
         check_nnx(theirs, ours, x, deterministic=False)
 
 
+def test_nnx_broadcast_dropout_needs_the_dense_backend():
+    layer = jattn.nnx.MultiHeadAttention(2, D, dropout_rate=0.3, implementation="chunked", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"broadcast_dropout: True .* only the dense backend materialises; "
+                                         r"implementation='chunked' cannot serve it.  Pass broadcast_dropout=False"):
+        layer(jnp.ones((B, T, D)), deterministic=False)
+
+
 def test_nnx_per_head_dropout_is_jattns_pattern():
     """broadcast_dropout=False: an independent pattern per (example, head), as Flax's
     is; jattn draws it with `jattn.dot_product_attention` from the same key."""
