@@ -79,3 +79,22 @@ def test_roles_partition_the_options():
     roles = {o.role for o in options.OPTIONS}
     assert roles == {"call", "config", "managed"}
     assert sorted(options.names("call") + options.names("config") + options.names("managed")) == sorted(options.names())
+
+
+def test_flax_modules_take_the_schema_options():
+    """Constructor: the "config" options with the schema's defaults; call: the "call"
+    options likewise (NNX and Linen), so a new option reaches the modules unchanged."""
+    import dataclasses
+
+    import jattn.linen
+    import jattn.nnx
+
+    init = inspect.signature(jattn.nnx.MultiHeadAttention.__init__).parameters
+    linen_fields = {f.name: f.default for f in dataclasses.fields(jattn.linen.MultiHeadAttention)}
+    for name in options.names("config"):
+        assert init[name].default == options.DEFAULTS[name], name
+        assert linen_fields[name] == options.DEFAULTS[name], name
+    for module in (jattn.nnx.MultiHeadAttention, jattn.linen.MultiHeadAttention):
+        call = inspect.signature(module.__call__).parameters
+        for name in options.names("call"):
+            assert call[name].default == options.DEFAULTS[name], (module, name)
