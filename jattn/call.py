@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src.interpreters import ad  # JVPTracer, to see forward mode
 
 from jattn import masks as masks_lib
 from jattn import score_mods as score_mods_lib
@@ -51,6 +52,8 @@ class AttentionCall:
     return_weights: bool
     return_residual: bool
     precision: Any
+    # True when traced by jax.jvp (forward mode), which a custom VJP cannot serve.
+    forward_mode: bool
     unbatched: bool
 
     @property
@@ -125,6 +128,7 @@ FEATURES: dict[str, str] = {
     "return_weights": "returning the weights",
     "return_residual": "returning the log-sum-exp",
     "precision": "an explicit matmul precision",
+    "forward_mode": "forward-mode differentiation (jax.jvp)",
 }
 
 # For each field of AttentionCall: the features it uses in a given call.  Fields that
@@ -154,6 +158,7 @@ FIELD_FEATURES: dict[str, Any] = {
     "return_weights": _if("return_weights", lambda c: c.return_weights),
     "return_residual": _if("return_residual", lambda c: c.return_residual),
     "precision": _if("precision", lambda c: c.precision is not None),
+    "forward_mode": _if("forward_mode", lambda c: c.forward_mode),
 }
 
 
@@ -237,6 +242,12 @@ def _query_offset(query_offset, B: int, unbatched: bool):
     if x.ndim == 0:
         return x.astype(jnp.int32)
     return _int_per_example("query_offset", x, B, unbatched)
+
+
+def _under_jvp(*trees) -> bool:
+    """Whether any input is traced by `jax.jvp` (seen when jvp is applied outside
+    jit; a jit traced first and differentiated later cannot be seen here)."""
+    return any(isinstance(x, ad.JVPTracer) for x in jax.tree_util.tree_leaves(trees))
 
 
 def _precision(precision):
@@ -409,7 +420,8 @@ def validate(
         dropout_rate=float(dropout_rate), dropout_rng=dropout_rng,
         implementation="dense" if implementation == "xla" else implementation,
         block_sizes=block_sizes, return_weights=bool(return_weights),
-        return_residual=bool(return_residual), precision=precision, unbatched=unbatched,
+        return_residual=bool(return_residual), precision=precision,
+        forward_mode=_under_jvp(query, key, value, bias, user_score_mod), unbatched=unbatched,
     )
     # Shape-check the data inside mask / score-mod objects now, with a clear message.
     for obj in (call.index_mask(), call.index_score_mod()):

@@ -5,6 +5,7 @@ import ast
 import dataclasses
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -99,3 +100,19 @@ def test_no_backend_imports_another_backend():
                 imported.add(node.module.rsplit(".", 1)[-1])
         others = (imported & backend_modules) - {path.stem}
         assert not others, f"{path.name} imports backend module(s) {sorted(others)}"
+
+
+def test_forward_mode_is_a_feature_the_fused_backends_lack():
+    """Under jax.jvp auto passes over the custom-VJP kernels (cuDNN, Pallas) on a GPU."""
+    q = jnp.ones((1, 64, 2, 64), jnp.bfloat16)
+    seen = []
+
+    def f(q):
+        seen.append(jattn.explain(q, q, q, is_causal=True, query_offset=3, platform="gpu"))
+        return q
+
+    jax.jvp(f, (q,), (q,))
+    (why,) = seen
+    assert why.backend == "dense", str(why)
+    assert "forward-mode" in why.refused["pallas"] and "forward-mode" in why.refused["cudnn"]
+    assert jattn.explain(q, q, q, is_causal=True, query_offset=3, platform="gpu").backend == "pallas"

@@ -605,7 +605,13 @@ def _run_forward_mode(backend: str, name: str, kind: str):
                 t_out = linear(*tangents)
         except Exception as e:  # noqa: BLE001 - which error is the point
             message = str(e)
-            if backend == "dense" or not ("forward-mode" in message.lower() and backend in message):
+            # jattn refuses forward mode by name where it can see it (jvp traced inside
+            # the call: the backend's refusal names the feature).  A jit traced first and
+            # differentiated afterwards (linearize(jit(f))) hides the tangents from jattn;
+            # there JAX itself refuses its custom VJP, with its own message.
+            named_by_jattn = "forward-mode" in message.lower() and backend in message
+            refused_by_jax = kind == "linearize" and "can't apply forward-mode autodiff (jvp) to a custom_vjp" in message
+            if backend == "dense" or not (named_by_jattn or refused_by_jax):
                 pytest.fail(f"{backend} {kind}: expected a result, or jattn's error naming forward-mode and "
                             f"'{backend}'; got {type(e).__name__}: {message.splitlines()[0][:300]}")
             return

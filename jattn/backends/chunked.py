@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax._src.interpreters import ad  # JVPTracer: forward mode is detected, not crashed in
 
 from jattn import masks as masks_lib
 from jattn import ops as ops_lib
@@ -465,12 +464,6 @@ def _flash_bwd(plan: Plan, residuals, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _forward_mode(ops: Operands) -> bool:
-    """True under `jax.jvp` / `jax.linearize` (JVP tracers), where a custom VJP cannot
-    run: the plain forward is then differentiated by JAX instead."""
-    return any(isinstance(x, ad.JVPTracer) for x in jax.tree_util.tree_leaves(ops))
-
-
 # ----------------------------------------------------------------------------- driver
 def run(call: AttentionCall, platform: str):
     """``(out [B, T, N, Hv], None, lse [B, T, N] | None)`` via the tiled algorithm."""
@@ -514,7 +507,8 @@ def run(call: AttentionCall, platform: str):
         head=g["head"], batch_index=g["batch_index"], rng=call.dropout_rng,
         kinds=None if static else kinds,
     )
-    out, lse = (_forward if _forward_mode(ops) else _flash)(plan, ops)
+    # Under jax.jvp a custom VJP cannot run: JAX differentiates the plain forward.
+    out, lse = (_forward if call.forward_mode else _flash)(plan, ops)
 
     out = out.transpose(1, 2, 3, 0, 4, 5).reshape(B, K, G, Tp, -1)[:, :, :, :T]
     out = H.ungroup_output(out)

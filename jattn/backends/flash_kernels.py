@@ -89,12 +89,14 @@ def _compiler_params(spec: FlashSpec):
 
 def _cdiv_nonneg(x, d: int):
     """ceil(max(x, 0) / d) for a traced int and a static positive d."""
-    return lax.div(jnp.maximum(x, 0) + (d - 1), d)
+    x = jnp.maximum(x, 0)
+    return lax.div(x + (d - 1), jnp.asarray(d, x.dtype))  # d in x's int type (int64 under x64)
 
 
 def _floor_nonneg(x, d: int):
     """floor(max(x, 0) / d)."""
-    return lax.div(jnp.maximum(x, 0), d)
+    x = jnp.maximum(x, 0)
+    return lax.div(x, jnp.asarray(d, x.dtype))
 
 
 def _clamp(x, lo, hi):
