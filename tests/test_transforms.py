@@ -564,7 +564,7 @@ def _run_generic(backend: str, name: str, spec: Generic):
 
 def _run_export(backend: str, name: str):
     """jax.eval_shape of the call and of its gradient, then jax.export of the jitted
-    call, called back."""
+    call, serialized with its VJP, deserialized and called back (value and gradient)."""
     hv = HV[backend]
     prob = _problem(name, hv, "plain", False)
     want_out, _ = _expected(name, hv, "plain")
@@ -580,7 +580,12 @@ def _run_export(backend: str, name: str):
     for got, arg in zip(grad_shapes, prob.args):
         assert (got.shape, got.dtype) == (arg.shape, arg.dtype), got
     assert [a.shape for a in exported.in_avals] == [a.shape for a in prob.args]
-    _close(exported.call(*prob.args), want_out, f"{backend} exported out")
+    restored = jax.export.deserialize(exported.serialize(vjp_order=1))
+    _close(restored.call(*prob.args), want_out, f"{backend} exported out")
+    _, want_grads = _expected(name, hv, "plain")
+    _, got_grads = jax.value_and_grad(_loss_and_out(restored.call, prob.cot), _argnums(prob.args), has_aux=True)(*prob.args)
+    for got, want in zip(got_grads, want_grads):
+        _close(got, want, f"{backend} exported gradient")
 
 
 def _tangents(args):
