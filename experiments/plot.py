@@ -101,9 +101,10 @@ def draw_attention(figure: AttentionFigure, title: str, path: pathlib.Path) -> p
                 t, s = row.mark
                 ax.add_patch(Rectangle((s - 0.5, t - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
             ax.set_title(text, fontsize=8)
-            ax.set_xticks(range(len(row.key_labels)), row.key_labels, fontsize=6, rotation=90)
+            wide = max(map(len, row.key_labels), default=0) > 2
+            ax.set_xticks(range(len(row.key_labels)), row.key_labels, fontsize=6, rotation=90 if wide else 0)
             ax.set_yticks(range(len(row.query_labels)), row.query_labels, fontsize=6)
-    fig.suptitle(f"{title}: attention weights (rows: queries, columns: keys); {figure.caption}", fontsize=9)
+    fig.suptitle(f"{title}: attention weights (rows: queries, columns: keys)\n{figure.caption}", fontsize=9)
     fig.savefig(path, dpi=90)
     return path
 

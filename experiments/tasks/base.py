@@ -211,7 +211,7 @@ class NextTokenTask:
 
     def attention_figure(self, model, example: data.Batch) -> AttentionFigure:
         inputs_1T = example.inputs[:1, : self.max_plot_tokens]
-        _, weights = model(inputs_1T, return_weights=True)
+        _, weights = nnx.jit(lambda m, x: m(x, return_weights=True))(model, inputs_1T)
         labels = [self.token_label(t) for t in np.asarray(inputs_1T[0]).tolist()]
         rows = [AttentionRow(f"layer {i + 1}", np.asarray(w[0], np.float32), labels, labels)
                 for i, w in enumerate(weights)]
@@ -224,7 +224,7 @@ class PromptAnswerTask(NextTokenTask):
     held-out prompts completed greedily with the KV cache."""
 
     def samples(self, model, options: SampleOptions, key: jax.Array) -> list[str]:
-        examples = np.asarray(self.sequences(jax.random.fold_in(key, 1), options.num))
+        examples = np.asarray(jax.jit(self.sequences, static_argnums=1)(jax.random.fold_in(key, 1), options.num))
         P = examples.shape[1] - self.answer_length
         graphdef, params = nnx.split(model, nnx.Param)
         out = np.asarray(generate(graphdef, params, jnp.asarray(examples[:, :P]), self.answer_length, key))
