@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from experiments import config
+from experiments import config, tasks
 from experiments.config import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -65,7 +65,8 @@ def test_configs_are_frozen():
     ("train.steps=1.5", "config key 'train.steps' expects an int; got 1.5 (float)"),
     ("train.learning_rate=fast", "config key 'train.learning_rate' expects a float; got 'fast'"),
     ("plot=yes please", "config key 'plot' expects a bool (true or false)"),
-    ("data.task=recal", "config key 'data.task' expects one of ['lm', 'recall', 'sort']; got 'recal'; did you mean 'recall'?"),
+    ("data.task=recal", f"config key 'data.task' expects one of {sorted(tasks.REGISTRY)}; "  # the registered tasks
+                        "got 'recal'; did you mean 'recall'?"),
     ("train.dtype=float16", "expects one of ['float32', 'bfloat16']"),
     ("model=big", "config key 'model' is a section; set one of its keys, e.g. model."),
     ("train.steps", "override 'train.steps' must look like key=value"),
@@ -137,3 +138,20 @@ def test_cli_reports_config_errors_and_exits_2(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "unknown config key 'train.stesp'; did you mean 'train.steps'?" in err
+
+
+def test_the_data_section_comes_from_the_task_registry():
+    keys = config.all_keys()
+    for name in tasks.REGISTRY:
+        assert any(k.startswith(f"data.{name}.") for k in keys), name
+    assert config.load(None, ["data.task=sort", "data.sort.length=5"]).data.sort.length == 5
+
+
+def test_one_config_error_for_the_experiments_and_the_benchmark():
+    from experiments import schema
+    from experiments.benchmark import config as bench_config
+
+    assert config.ConfigError is schema.ConfigError
+    with pytest.raises(schema.ConfigError, match=re.escape(
+            "unknown config key 'grids[0].repets'; did you mean 'grids[0].repeats'?")):
+        bench_config.parse_config({"grids": [{"impls": ["auto"], "T": 8, "repets": 1}]})
