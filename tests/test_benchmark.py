@@ -335,9 +335,6 @@ def test_docstring_examples_run(module):
 
 
 def test_the_implementations_come_from_jattns_registry():
-    try:
-        from jattn.backends.registry import BACKENDS
-    except ImportError:  # a jattn from before the registry module
-        from jattn.dispatch import BACKENDS
+    from jattn.backends.registry import BACKENDS
 
     assert list(BACKENDS) + ["auto"] == [name for name in benchmark.IMPLS if name not in ("jax_xla", "jax_cudnn", "flax")]

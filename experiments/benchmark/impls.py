@@ -18,10 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-try:  # jattn's one list of backends
-    from jattn.backends.registry import BACKENDS
-except ImportError:  # a jattn from before the registry module: dispatch held the list
-    from jattn.dispatch import BACKENDS
+from jattn.backends.registry import BACKENDS  # jattn's one list of backends
 
 
 @dataclasses.dataclass(frozen=True)
