@@ -29,8 +29,6 @@ Example:
   experiments.schema.ConfigError: config key 'train.steps' must be positive; got 0
 """
 
-from __future__ import annotations
-
 import difflib
 import pathlib
 import types

@@ -10,7 +10,11 @@ import jax
 
 from jattn import dispatch
 from jattn import options as options_lib
+from jattn.backends.registry import BACKENDS
 from jattn.call import AttentionCall, validate
+
+# The accepted ``implementation=`` values: automatic, jax.nn's name for dense, the registry.
+IMPLEMENTATIONS = (None, "xla", *BACKENDS)
 
 Array = jax.Array
 
@@ -115,6 +119,12 @@ def make_call(query, key, value, bias=None, mask=None, **options) -> AttentionCa
 
 
 def _validated(where: str, query, key, value, bias, mask, options: dict) -> AttentionCall:
+    implementation = options.get("implementation")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation: got {implementation!r}; expected one of "
+            f"{', '.join(repr(i) for i in IMPLEMENTATIONS)}"
+        )
     return validate(query, key, value, bias, mask, **options_lib.complete(options, where=where))
 
 
