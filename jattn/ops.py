@@ -2,12 +2,15 @@
 
     Attention(Q, K, V) = softmax(Q·Kᵀ / √d_k) · V
 
-is computed in three steps, each a pure function that can be called, jitted,
-differentiated and `jax.vmap`-ped on its own:
+is computed in five steps (the README's table numbers them the same way); the first
+four are pure functions here that can be called, jitted, differentiated and
+`jax.vmap`-ped on their own:
 
 1. `attention_scores`  scores[t, s] = scale · Σ_h q[t, h] k[s, h]   (+ bias, score_mod)
-2. `attention_weights` weights[t, :] = softmax(scores[t, :]) over the allowed keys
-3. `context_vectors`   context[t, :] = Σ_s weights[t, s] v[s, :]
+2. `attention_weights` normalised scores: softmax(scores[t, :]) over the allowed keys
+3. `dropout_weights`   the attention weights (the normalised rows, optionally dropped out)
+4. `context_vectors`   context[t, :] = Σ_s weights[t, s] v[s, :]
+5. updating the sequence, x + context·W^O, belongs to a module (`jattn.nnx.SelfAttention`).
 
 `head_attention` composes them (with optional dropout on the weights).  Heads and
 batch are added by `jax.vmap`; `jattn.dot_product_attention` does exactly that.
@@ -342,7 +345,7 @@ def head_attention(
     dropout_rate: float = 0.0,
     dropout_key: Array | None = None,
 ) -> tuple[Array, Array]:
-    """The three steps composed, for one head: ``(context [T, Hv], weights [T, S])``.
+    """Steps 1-4 composed, for one head: ``(context [T, Hv], weights [T, S])``.
 
     Example:
       >>> import jax, jax.numpy as jnp
