@@ -3,7 +3,14 @@
 - float32 matmuls at full precision on accelerators (GPUs default to TF32, which
   cannot meet the rtol 1e-5 checks against the float64 reference);
 - hypothesis profiles: "ci" (default: few examples, no deadline: compilation is slow)
-  and "thorough" (HYPOTHESIS_PROFILE=thorough).
+  and "thorough" (HYPOTHESIS_PROFILE=thorough);
+- on a CPU, XLA without most of its optimisation passes (``jax_disable_most_optimizations``)
+  in this process: compiling dominates most tests' time (about a third less with the
+  passes off), and nothing they check (tracing, autodiff, batching, dtypes, values
+  against float64 references) depends on them.  Tests whose time is spent running
+  compiled programs (training runs) or that inspect the compiled program (memory) are
+  marked ``xla_optimized`` (a test or a whole module); subprocesses the suite starts
+  compile normally.  ``JATTN_TEST_XLA_OPTIMIZE=1`` optimises everything (a GPU always).
 """
 
 import os
@@ -23,6 +30,27 @@ settings.register_profile(
 )
 settings.register_profile("thorough", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+CHEAP_COMPILES = jax.default_backend() == "cpu" and os.environ.get("JATTN_TEST_XLA_OPTIMIZE") != "1"
+
+
+def _optimise_while(optimised: bool):
+    previous = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", CHEAP_COMPILES and not optimised)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _xla_optimisation_of_the_module(request):
+    """Cheap compiles unless the module is marked ``xla_optimized`` (set before its
+    module-scoped fixtures run)."""
+    yield from _optimise_while(request.node.get_closest_marker("xla_optimized") is not None)
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimisation_of_the_test(request):
+    yield from _optimise_while(request.node.get_closest_marker("xla_optimized") is not None)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -181,6 +181,7 @@ def test_no_score_sized_buffer_forward_or_backward():
     assert _largest_intermediate(jax.grad(lambda q, k, v: dense(q, k, v).sum(), argnums=(0, 1, 2)), q, k, v) >= 2 * T * T
 
 
+@pytest.mark.xla_optimized
 def test_compiled_temporary_memory_grows_linearly():
     def temp_bytes(T):
         q, k, v = qkv(9, 1, T, T, 2, 2, 16)

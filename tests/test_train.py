@@ -20,6 +20,8 @@ from experiments import config, plot, run, sample, train
 from experiments.config import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Training runs spend their time running compiled steps: XLA optimises them.
+pytestmark = pytest.mark.xla_optimized
 TRAINING_CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("bench_"))
 
 # A small recall run shared by the resume, plot and sample tests.

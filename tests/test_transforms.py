@@ -56,18 +56,6 @@ TILES = pallas.Tiles(block_q=16, block_kv=16, block_q_dq=16, block_kv_dq=16, blo
 LAYERS = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _cheap_compiles():
-    """XLA without most optimisations while this module runs: compiling dominates its
-    time, and nothing it checks (tracing, autodiff, batching rules, dtypes, values)
-    depends on them.  (A compile-time flag, restored afterwards; not a numerics mode.)"""
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
-
 # Feature data.  Per-example arrays have a leading B axis (vmap over unbatched calls
 # slices them); rows with no allowed key come from lengths, windows, segments and the
 # mask function.

@@ -99,7 +99,11 @@ def _head_forward_tile(q, k, v, bias, dense_mask, head, batch_index, mask, score
                                      masked=masked, rate=rate, num_kv=num_kv)
     if allowed is not None:
         s = jnp.where(allowed, s, ops_lib.MASKED_SCORE)
-    m_new = jnp.maximum(m, s.max(axis=-1))
+    # The running max only stabilises: out and lse do not depend on its value, so no
+    # tangent flows through it.  (reduce_max's JVP finds the max by bitwise equality,
+    # which breaks when XLA computes the scores twice with different rounding: NaN
+    # tangents were seen with XLA's optimisations off.)
+    m_new = lax.stop_gradient(jnp.maximum(m, s.max(axis=-1)))
     p = jnp.exp(s - m_new[:, None])
     if allowed is not None:
         p = jnp.where(allowed, p, 0.0)
