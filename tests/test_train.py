@@ -24,9 +24,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.xla_optimized
 TRAINING_CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("bench_"))
 
-# A small recall run shared by the resume, plot and sample tests.
+# A small recall run shared by the resume, plot and sample tests (batch 16: still
+# splits over 8 devices).
 SMALL = [
-    "train.warmup_fraction=0.1", "train.log_every=10", "eval.examples=128", "eval.batch_size=64",
+    "train.batch_size=16", "train.warmup_fraction=0.1", "train.log_every=10", "eval.examples=128", "eval.batch_size=64",
     "checkpoint.every=20", "plot=false",
 ]
 
