@@ -12,7 +12,11 @@ The automatic policy (``implementation=None``), in order:
 4. Short sequences, ``T·S <= DENSE_MAX_SCORES[platform]`` and at most
    ``DENSE_MAX_BYTES[platform]`` of scores in all: **dense** (one fused pass beats a
    loop over tiles there; measured in docs/benchmarks.md).
-5. Otherwise: **chunked** (O(T) memory, skips tiles the mask empties).
+5. On a TPU, when JAX's splash kernels support it (causal / window bands with an int
+   offset, segment ids, lengths, soft-capping, static mask objects; float32 or
+   bfloat16): **splash** (O(T) memory, skips blocks the mask empties; unmeasured on a
+   TPU so far: docs/benchmarks.md).
+6. Otherwise: **chunked** (O(T) memory, skips tiles the mask empties).
 
 At each step a backend that refuses the call (`jattn.backends.contract.refusal`: a
 feature it does not declare, or one of its limits) is passed over; auto never picks
@@ -97,6 +101,7 @@ def choose(call: AttentionCall, platform: str) -> Explanation:
         ("cudnn", "cuDNN's fused flash kernel supports this request"),
         ("pallas", "jattn's fused Triton kernels support this request (cuDNN does not)"),
         ("dense", size) if short else None,
+        ("splash", f"{tiled[1]}; JAX's block-sparse splash kernels for TPUs serve this request"),
         tiled,
         ("dense", "the only backend left that serves this call"),
     ]
@@ -107,13 +112,15 @@ def choose(call: AttentionCall, platform: str) -> Explanation:
     else:
         reasons = "; ".join(f"{n}: {why}" for n, why in refused.items())
         raise ValueError(f"no backend can serve this call on {platform} ({reasons})")
-    if chosen == "chunked" and "dense" not in refused:
+    if chosen in ("chunked", "splash") and "dense" not in refused:
         if scores <= limit:
             refused["dense"] = f"its scores would take {score_bytes / 2**30:.1f} GiB (limit {max_bytes / 2**30:.0f} GiB)"
         else:
             refused["dense"] = f"T·S = {scores} > {limit}: materialising the scores costs memory and time"
-    if chosen == "dense" and short and "chunked" not in refused:
-        refused["chunked"] = f"T·S = {scores} <= {limit}: dense is faster at this size"
+    if chosen == "dense" and short:
+        for name in ("chunked", "splash"):
+            if name not in refused:
+                refused[name] = f"T·S = {scores} <= {limit}: dense is faster at this size"
     for name in BACKENDS:
         if name != chosen:
             refused.setdefault(name, f"{chosen} is preferred when it applies")

@@ -54,6 +54,13 @@ def test_shipped_configs_parse_with_the_issue_cases():
                 assert {(impl, T, causal, "fwd"), (impl, T, causal, "fwd+bwd")} <= main
     assert {(c.dtype, c.B, c.N, c.H) for c in gpu} == {("bfloat16", 1, 16, 128)}
 
+    tpu = load_config(os.path.join(REPO, "configs/bench_tpu.yaml"))  # the GPU shapes, splash's impls
+    assert tpu.platform == "tpu"
+    assert {(c.impl, c.T, c.causal, c.mode) for c in tpu.cases() if c.skip is None} == {
+        (impl, T, causal, mode) for impl in ("jax_xla", "splash", "chunked", "auto")
+        for T in (1024, 4096, 16384) for causal in (True, False) for mode in ("fwd", "fwd+bwd")}
+    assert {(c.dtype, c.B, c.N, c.H) for c in tpu.cases()} == {("bfloat16", 1, 16, 128)}
+
     smoke = load_config(SMOKE)
     assert smoke.name == "bench_smoke" and smoke.platform == "cpu"
     assert any(c.force and c.impl == "jax_cudnn" for c in smoke.cases())

@@ -10,7 +10,7 @@ Example:
   >>> IMPLS["jax_xla"], IMPLS["auto"]
   ('jax.nn xla', 'jattn auto')
   >>> [name for name in IMPLS if name in JATTN]
-  ['dense', 'chunked', 'cudnn', 'pallas', 'auto']
+  ['dense', 'chunked', 'cudnn', 'pallas', 'splash', 'auto']
 """
 
 from __future__ import annotations

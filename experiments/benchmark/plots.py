@@ -17,9 +17,9 @@ from experiments.benchmark.impls import IMPLS
 
 _COLORS = {
     "jax_xla": "tab:blue", "jax_cudnn": "tab:purple", "flax": "tab:olive", "dense": "tab:orange",
-    "chunked": "tab:green", "cudnn": "tab:cyan", "pallas": "tab:brown", "auto": "tab:red",
+    "chunked": "tab:green", "cudnn": "tab:cyan", "pallas": "tab:brown", "splash": "tab:pink", "auto": "tab:red",
 }
-_OTHER_COLORS = ("tab:pink", "tab:gray", "black")
+_OTHER_COLORS = ("tab:gray", "black", "gold")
 _VARIANT_KEYS = ("causal", "B", "N", "K", "H", "dtype")
 _MARKERS = "osD^v<>p"
 

@@ -48,6 +48,23 @@ def sharded_like(x: Array, ref: Array, ref_axes: tuple[int, ...]) -> Array:
     return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*wanted))
 
 
+def sharded_spec(x):
+    """The PartitionSpec of ``x`` under an explicit-axis mesh when some axis is split
+    over more than one device, else None.  A Pallas call has no partitioning rule
+    (XLA would gather every shard to every device), so kernel backends refuse such
+    inputs and ask for `jax.shard_map`, where each device sees its own shard."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+    if spec is None or mesh is None:
+        return None
+    sizes = dict(mesh.shape)
+    for entry in spec:
+        names = entry if isinstance(entry, tuple) else (entry,)
+        if any(name is not None and sizes.get(name, 1) > 1 for name in names):
+            return spec
+    return None
+
+
 def batch_leaves_sharded_like(tree, in_axes, ref: Array):
     """The leaves of a mask / score-mod pytree that vmap slices along the batch
     (in_axes 0), laid out like the batch axis of ``ref`` (see `sharded_like`)."""

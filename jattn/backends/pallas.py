@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn.backends import flash_kernels as fk
+from jattn.backends import heads as H
 from jattn.backends.contract import Backend
 from jattn.call import AttentionCall
 
@@ -60,26 +61,11 @@ def limits(call: AttentionCall, platform: str) -> str | None:
                 "dots round to TF32; chunked keeps float32 accuracy)")
     if s["Hv"] != s["H"] or s["H"] > MAX_HEAD_DIM:
         return f"needs equal query/value head dims of at most {MAX_HEAD_DIM}; got H={s['H']}, Hv={s['Hv']}"
-    if (spec := _sharded_spec(call.query)) is not None:
+    if (spec := H.sharded_spec(call.query)) is not None:
         # A Triton call has no partitioning rule: XLA would gather every shard to
         # every device.  Inside jax.shard_map the call sees its local shard only.
         return (f"the query is sharded over a mesh ({spec}); a Pallas kernel runs on one "
                 "device's data, so call it inside jax.shard_map")
-    return None
-
-
-def _sharded_spec(x):
-    """The PartitionSpec of ``x`` under an explicit-axis mesh when some axis is split
-    over more than one device, else None."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
-    if spec is None or mesh is None:
-        return None
-    sizes = dict(mesh.shape)
-    for entry in spec:
-        names = entry if isinstance(entry, tuple) else (entry,)
-        if any(name is not None and sizes.get(name, 1) > 1 for name in names):
-            return spec
     return None
 
 

@@ -8,12 +8,14 @@ and list it here; then say in `jattn.dispatch.choose` when auto should prefer it
 Example:
   >>> from jattn.backends import registry
   >>> list(registry.BACKENDS)
-  ['dense', 'chunked', 'cudnn', 'pallas']
+  ['dense', 'chunked', 'cudnn', 'pallas', 'splash']
 """
 
 from __future__ import annotations
 
-from jattn.backends import chunked, cudnn, dense, pallas
+from jattn.backends import chunked, cudnn, dense, pallas, splash
 from jattn.backends.contract import Backend
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (dense.BACKEND, chunked.BACKEND, cudnn.BACKEND, pallas.BACKEND)}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    dense.BACKEND, chunked.BACKEND, cudnn.BACKEND, pallas.BACKEND, splash.BACKEND,
+)}
