@@ -23,7 +23,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 settings.register_profile(
     "ci",
-    max_examples=12,
+    max_examples=8,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
