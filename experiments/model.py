@@ -207,6 +207,20 @@ def check_implementation(cfg: ModelConfig, max_len: int) -> None:
         ) from None
 
 
+def embed_continuing(model: nnx.Module, tokens_BT, caches, *, deterministic: bool, rngs):
+    """``tokens int32[B, T]`` -> ``(x [B, T, D], positions int32[B, T])``: ``model.embed``
+    of the tokens plus, when ``model.pos_embed`` is not None, learned positions that
+    continue each cached sequence (``caches[0].lengths``; from 0 without caches), then ``model.dropout``.
+    Shared by the decoder stacks (`Transformer`, the translate task's decoder)."""
+    B, T = tokens_BT.shape
+    start_B = caches[0].lengths if caches is not None else jnp.zeros((B,), jnp.int32)
+    positions_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    x_BTD = model.embed(tokens_BT)
+    if model.pos_embed is not None:
+        x_BTD = x_BTD + model.pos_embed(positions_BT)
+    return model.dropout(x_BTD, deterministic=deterministic, rngs=rngs), positions_BT
+
+
 class MLP(nnx.Module):
     """``x [B, T, D] -> down(gelu(up(x))) [B, T, D]``."""
 
@@ -278,13 +292,7 @@ class Transformer(nnx.Module):
         """``(x [B, T, D] after the final norm, new caches or None, weights)``: the
         stack without the head; weights is a list over layers of ``[B, N, T, S]``
         (None entries unless ``return_weights``)."""
-        B, T = tokens_BT.shape
-        start_B = caches[0].lengths if caches is not None else jnp.zeros((B,), jnp.int32)
-        positions_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-        x_BTD = self.embed(tokens_BT)
-        if self.pos_embed is not None:
-            x_BTD = x_BTD + self.pos_embed(positions_BT)
-        x_BTD = self.dropout(x_BTD, deterministic=deterministic, rngs=rngs)
+        x_BTD, positions_BT = embed_continuing(self, tokens_BT, caches, deterministic=deterministic, rngs=rngs)
         new_caches, weights = [], []
         for i, block in enumerate(self.blocks):
             x_BTD, new_cache, w_BNTS = block(

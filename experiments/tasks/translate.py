@@ -41,7 +41,7 @@ from pydantic import model_validator
 import jattn
 import jattn.nnx
 from experiments import data
-from experiments.model import MLP, Transformer, make_attention, unpack_jattn
+from experiments.model import MLP, Transformer, embed_continuing, make_attention, unpack_jattn
 from experiments.schema import PositiveInt, Section
 from experiments.tasks.base import AttentionFigure, AttentionRow, LossPlot, SampleOptions, register
 
@@ -196,13 +196,7 @@ class EncoderDecoder(nnx.Module):
                return_weights=False):
         """``(logits [B, T, V], new caches or None, self weights, cross weights)``: the
         decoder on ``tokens`` (continuing the cached sequences when ``caches``)."""
-        B, T = tokens_BT.shape
-        start_B = caches[0].lengths if caches is not None else jnp.zeros((B,), jnp.int32)
-        positions_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-        x_BTD = self.embed(tokens_BT)
-        if self.pos_embed is not None:
-            x_BTD = x_BTD + self.pos_embed(positions_BT)
-        x_BTD = self.dropout(x_BTD, deterministic=deterministic, rngs=rngs)
+        x_BTD, positions_BT = embed_continuing(self, tokens_BT, caches, deterministic=deterministic, rngs=rngs)
         new_caches, self_w, cross_w = [], [], []
         for i, block in enumerate(self.blocks):
             x_BTD, cache, sw, cw = block(

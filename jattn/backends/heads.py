@@ -48,6 +48,21 @@ def sharded_like(x: Array, ref: Array, ref_axes: tuple[int, ...]) -> Array:
     return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*wanted))
 
 
+def pad_axis(x: Array, axis: int, to: int, value=0) -> Array:
+    """``x`` padded with ``value`` at the end of ``axis`` to length ``to`` (the kernel
+    backends pad sequences and head dims to whole tiles).
+
+    Example:
+      >>> pad_axis(jnp.ones((2, 3)), 1, 5).shape
+      (2, 5)
+    """
+    if x.shape[axis] == to:
+        return x
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (0, to - x.shape[axis])
+    return jnp.pad(x, pads, constant_values=value)
+
+
 def sharded_spec(x):
     """The PartitionSpec of ``x`` under an explicit-axis mesh when some axis is split
     over more than one device, else None.  A Pallas call has no partitioning rule

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from jattn.backends import flash_kernels as fk
 from jattn.backends import heads as H
+from jattn.backends.heads import pad_axis
 from jattn.backends.contract import Backend
 from jattn.call import AttentionCall
 
@@ -83,14 +84,6 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
     return max(floor, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _pad_axis(x, axis: int, to: int, value=0):
-    if x.shape[axis] == to:
-        return x
-    pads = [(0, 0)] * x.ndim
-    pads[axis] = (0, to - x.shape[axis])
-    return jnp.pad(x, pads, constant_values=value)
-
-
 def spec_for(call: AttentionCall, tiles: Tiles = DEFAULT_TILES, *, interpret: bool = False) -> fk.FlashSpec:
     """The kernels' static configuration for ``call``: tiles clipped to the sequences
     (a 40-row query uses 64-row tiles, not 128)."""
@@ -124,13 +117,13 @@ def run(call: AttentionCall, platform: str, *, tiles: Tiles = DEFAULT_TILES, int
     Tp, Sp = -(-T // q_multiple) * q_multiple, -(-S // kv_multiple) * kv_multiple
     Hp = _pow2_at_least(H)
 
-    q = _pad_axis(_pad_axis(call.query, 1, Tp), 3, Hp)
-    k = _pad_axis(_pad_axis(call.key, 1, Sp), 3, Hp)
-    v = _pad_axis(_pad_axis(call.value, 1, Sp), 3, Hp)
+    q = pad_axis(pad_axis(call.query, 1, Tp), 3, Hp)
+    k = pad_axis(pad_axis(call.key, 1, Sp), 3, Hp)
+    v = pad_axis(pad_axis(call.value, 1, Sp), 3, Hp)
     q_seg = kv_seg = kv_valid = None
     if call.segment_ids is not None:
-        q_seg = _pad_axis(jnp.broadcast_to(call.segment_ids[0], (B, T)).astype(jnp.int32), 1, Tp)
-        kv_seg = _pad_axis(jnp.broadcast_to(call.segment_ids[1], (B, S)).astype(jnp.int32), 1, Sp)
+        q_seg = pad_axis(jnp.broadcast_to(call.segment_ids[0], (B, T)).astype(jnp.int32), 1, Tp)
+        kv_seg = pad_axis(jnp.broadcast_to(call.segment_ids[1], (B, S)).astype(jnp.int32), 1, Sp)
     if call.key_value_seq_lengths is not None:
         # Also 0 on padded keys, whatever the (possibly traced) lengths say.
         real_length = jnp.minimum(call.key_value_seq_lengths, S)

@@ -49,6 +49,7 @@ import numpy as np
 
 from jattn import masks as masks_lib
 from jattn.backends import heads as H
+from jattn.backends.heads import pad_axis
 from jattn.backends import splash_masks
 from jattn.backends.contract import Backend
 from jattn.call import AttentionCall
@@ -200,14 +201,6 @@ def _attend_with_lse_bwd(plan, residuals, cotangents):
 _attend_with_lse.defvjp(_attend_with_lse_fwd, _attend_with_lse_bwd)
 
 
-def _pad_axis(x, axis: int, to: int, value=0):
-    if x.shape[axis] == to:
-        return x
-    pads = [(0, 0)] * x.ndim
-    pads[axis] = (0, to - x.shape[axis])
-    return jnp.pad(x, pads, constant_values=value)
-
-
 def _splash_segment_ids(segment_ids, kv_lengths, plan: Plan):
     """Splash's per-example ``SegmentIds(q [B, Tp], kv [B, Sp])`` for the call's segment
     ids (``([B, T], [B, S])`` or None) and key lengths (``[B]`` or None), or None.  A
@@ -223,8 +216,8 @@ def _splash_segment_ids(segment_ids, kv_lengths, plan: Plan):
         real = q_ids
     else:
         real = segment_ids[0].astype(jnp.int32)
-        q_ids = _pad_axis(real, 1, Tp)
-        kv_ids = _pad_axis(segment_ids[1].astype(jnp.int32), 1, Sp)
+        q_ids = pad_axis(real, 1, Tp)
+        kv_ids = pad_axis(segment_ids[1].astype(jnp.int32), 1, Sp)
     if kv_lengths is not None:
         low, high = real.min(axis=1), real.max(axis=1)
         unused = jnp.where(low > jnp.iinfo(jnp.int32).min, low - 1, high + 1)
@@ -243,9 +236,9 @@ def _run_planned(plan: Plan, query, key, value, segment_ids, kv_lengths, q_lengt
     (T, S), (Tp, Sp) = plan.seq, plan.shape
     dtype = query.dtype
     q = (query.astype(jnp.float32) * scale).astype(dtype)
-    q = _pad_axis(q.transpose(0, 2, 1, 3), 2, Tp)  # [B, N, Tp, H]
-    k = _pad_axis(key.transpose(0, 2, 1, 3), 2, Sp)  # [B, K, Sp, H]
-    v = _pad_axis(value.transpose(0, 2, 1, 3), 2, Sp)  # [B, K, Sp, Hv]
+    q = pad_axis(q.transpose(0, 2, 1, 3), 2, Tp)  # [B, N, Tp, H]
+    k = pad_axis(key.transpose(0, 2, 1, 3), 2, Sp)  # [B, K, Sp, H]
+    v = pad_axis(value.transpose(0, 2, 1, 3), 2, Sp)  # [B, K, Sp, Hv]
     splash_ids = _splash_segment_ids(segment_ids, kv_lengths, plan)
 
     if return_residual or segment_ids is not None:
