@@ -52,9 +52,20 @@ class AttentionCall:
     return_weights: bool
     return_residual: bool
     precision: Any
+    # Context parallelism (`jattn.parallel` serves these around a backend).
+    sequence_axis: str | None
+    sequence_strategy: str | None
+    sequence_layout: str
     # True when traced by jax.jvp (forward mode), which a custom VJP cannot serve.
     forward_mode: bool
     unbatched: bool
+    # Set only by jattn itself when a call is one block of a larger problem
+    # (`jattn.parallel`): the global (example, query head, row, key) index of this
+    # call's first ones, so dropout draws the entries the whole problem would.
+    dropout_origin: tuple | None = None
+    # Set only by jattn itself: the returned log-sum-exp must carry gradients (a
+    # block's lse weighs it in a log-sum-exp merge).
+    differentiable_residual: bool = False
 
     @property
     def shape(self) -> dict[str, int]:
@@ -129,6 +140,9 @@ FEATURES: dict[str, str] = {
     "return_residual": "returning the log-sum-exp",
     "precision": "an explicit matmul precision",
     "forward_mode": "forward-mode differentiation (jax.jvp)",
+    "sequence_sharding": "a sequence split over a mesh axis (jattn.parallel serves it around a backend)",
+    "dropout_origin": "dropout at global indices (a block of a larger problem)",
+    "differentiable_residual": "a log-sum-exp that carries gradients",
 }
 
 # For each field of AttentionCall: the features it uses in a given call.  Fields that
@@ -159,6 +173,11 @@ FIELD_FEATURES: dict[str, Any] = {
     "return_residual": _if("return_residual", lambda c: c.return_residual),
     "precision": _if("precision", lambda c: c.precision is not None),
     "forward_mode": _if("forward_mode", lambda c: c.forward_mode),
+    "sequence_axis": _if("sequence_sharding", lambda c: c.sequence_axis is not None),
+    "sequence_strategy": lambda call: set(),  # used only with sequence_axis
+    "sequence_layout": lambda call: set(),  # likewise
+    "dropout_origin": _if("dropout_origin", lambda c: c.dropout_origin is not None and c.dropout_rate > 0.0),
+    "differentiable_residual": _if("differentiable_residual", lambda c: c.differentiable_residual),
 }
 
 
@@ -272,11 +291,30 @@ def _precision(precision):
     return one(precision)
 
 
+SEQUENCE_STRATEGIES = ("ring", "all_gather")
+SEQUENCE_LAYOUTS = ("contiguous", "zigzag")
+
+
+def _check_sequence_options(sequence_axis, sequence_strategy, sequence_layout) -> None:
+    if sequence_axis is not None and not isinstance(sequence_axis, str):
+        raise TypeError(f"sequence_axis: expected a mesh axis name (str) or None; got {sequence_axis!r}")
+    if sequence_strategy not in (None, *SEQUENCE_STRATEGIES):
+        raise ValueError(
+            f"sequence_strategy: got {sequence_strategy!r}; expected None (automatic) or one of "
+            f"{', '.join(map(repr, SEQUENCE_STRATEGIES))}"
+        )
+    if sequence_layout not in SEQUENCE_LAYOUTS:
+        raise ValueError(
+            f"sequence_layout: got {sequence_layout!r}; expected one of {', '.join(map(repr, SEQUENCE_LAYOUTS))}"
+        )
+
+
 def validate(
     query, key, value, bias, mask, *, scale, is_causal, query_seq_lengths,
     key_value_seq_lengths, local_window_size, implementation, return_residual,
     query_segment_ids, key_value_segment_ids, query_offset, logits_soft_cap, score_mod,
     dropout_rate, dropout_rng, return_weights, block_sizes, precision,
+    sequence_axis, sequence_strategy, sequence_layout,
 ) -> AttentionCall:
     """Check every argument of `jattn.dot_product_attention`; return the batched call."""
     query = _as_float_array("query", query)
@@ -403,6 +441,7 @@ def validate(
         if not ok:
             raise ValueError(f"block_sizes: expected a (block_q, block_kv) pair of positive ints; got {block_sizes!r}")
         block_sizes = (int(block_sizes[0]), int(block_sizes[1]))
+    _check_sequence_options(sequence_axis, sequence_strategy, sequence_layout)
 
     call = AttentionCall(
         query=query, key=key, value=value, bias=bias, dense_mask=dense_mask, scale=scale,
@@ -414,6 +453,8 @@ def validate(
         implementation="dense" if implementation == "xla" else implementation,
         block_sizes=block_sizes, return_weights=bool(return_weights),
         return_residual=bool(return_residual), precision=precision,
+        sequence_axis=sequence_axis, sequence_strategy=sequence_strategy,
+        sequence_layout=sequence_layout,
         forward_mode=_under_jvp(query, key, value, bias, user_score_mod), unbatched=unbatched,
     )
     # Shape-check the data inside mask / score-mod objects now, with a clear message.

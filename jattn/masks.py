@@ -43,6 +43,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, Callable
 
 import jax
@@ -367,6 +369,38 @@ class FromFunction(Mask):
 
     def __call__(self, q_idx, kv_idx):
         return jnp.asarray(self.fn(q_idx, kv_idx))
+
+
+@index_function
+class Shifted(Mask):
+    """``mask`` seen from a block of a larger grid: local ``(i, j)`` is the inner
+    mask's ``(i + q_origin, j + kv_origin)``.  `jattn.parallel` gives each device's
+    block of a split sequence the user's mask this way, so a mask's indices are
+    always global positions.  ``num_q`` / ``num_kv`` are the full grid's lengths (the
+    inner mask's data leaves are checked against them); the origins may be traced.
+
+    Example:
+      >>> import numpy as np
+      >>> np.asarray(Shifted(Causal(), q_origin=2, kv_origin=1, num_q=4, num_kv=4).materialize(2, 3)).astype(int)
+      array([[1, 1, 0],
+             [1, 1, 1]])
+    """
+
+    mask: Mask = child()
+    q_origin: Any = leaf((), default=0)
+    kv_origin: Any = leaf((), default=0)
+    num_q: int = 0
+    num_kv: int = 0
+
+    def __call__(self, q_idx, kv_idx):
+        return self.mask(q_idx + self.q_origin, kv_idx + self.kv_origin)
+
+    def batch_in_axes(self, batch_size, num_q, num_kv):
+        # The inner mask's leaves are shaped for the full grid; the origins are
+        # scalars shared by the batch.
+        inner, inner_axes = self.mask.batch_in_axes(batch_size, self.num_q, self.num_kv)
+        axes = dataclasses.replace(self, mask=inner_axes, q_origin=None, kv_origin=None)
+        return dataclasses.replace(self, mask=inner), axes
 
 
 @index_function

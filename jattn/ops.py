@@ -225,9 +225,15 @@ def log_normalizer(scores: Array, mask: Array | MaskModFn | None = None) -> Arra
     """
     scores = scores.astype(_compute_dtype(scores))
     mask = evaluate_mask(mask, scores.shape)
-    if mask is not None:
-        scores = jnp.where(mask, scores, -jnp.inf)
-    return jax.nn.logsumexp(scores, axis=-1)
+    if mask is None:
+        return jax.nn.logsumexp(scores, axis=-1)
+    mask = jnp.broadcast_to(mask, scores.shape)
+    has_key = mask.any(axis=-1)
+    # A fully masked row sums zeros instead of -infs, so its (discarded) gradient is
+    # 0, not NaN: the log-sum-exp of a block is differentiated when blocks are merged.
+    scores = jnp.where(mask, scores, -jnp.inf)
+    scores = jnp.where(has_key[:, None], scores, 0.0)
+    return jnp.where(has_key, jax.nn.logsumexp(scores, axis=-1), -jnp.inf)
 
 
 def context_vectors(weights: Array, v: Array, *, precision: Any = None) -> Array:

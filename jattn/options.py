@@ -92,6 +92,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("precision", None, "Any",
            "`jax.lax.Precision` (or a pair) of the two matmuls, as in `jax.numpy.einsum`; "
            "None is the platform default.  Accumulation is float32 either way.", "config"),
+    Option("sequence_axis", None, "str | None",
+           "the mesh axis the sequence (T and S) is split over (context parallelism, "
+           "`jattn.parallel`).  Inside `jax.shard_map` over that axis the arrays are the "
+           "local shards; under `jax.jit` with a mesh set they are global arrays and jattn "
+           "splits them.  None: found from the inputs' sharding (an explicit-axis mesh), "
+           "else no split.", "config"),
+    Option("sequence_strategy", None, "str | None",
+           "how a split sequence is served: ``\"ring\"`` (K/V blocks passed around the "
+           "axis, merged by log-sum-exp), ``\"all_gather\"`` (every device gathers K/V), "
+           "or None (automatic; see `jattn.explain`).", "config"),
+    Option("sequence_layout", "contiguous", "str",
+           "the order of the tokens on the sequence axis: ``\"contiguous\"`` (device p "
+           "holds chunk p) or ``\"zigzag\"`` (device p holds chunks p and 2P-1-p, "
+           "which balances causal work; `jattn.parallel.zigzag` reorders a batch).",
+           "config"),
 )
 
 OPTIONS_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}

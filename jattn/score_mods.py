@@ -23,6 +23,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, Callable
 
 import jax
@@ -132,6 +134,36 @@ class Bias(ScoreMod):
 
     def __call__(self, score, head, q_idx, kv_idx):
         return score + jnp.asarray(self.bias)[q_idx, kv_idx].astype(score.dtype)
+
+
+@index_function
+class Shifted(ScoreMod):
+    """``score_mod`` seen from a block of a larger grid: local ``(i, j)`` is the inner
+    modifier's ``(i + q_origin, j + kv_origin)`` (see `jattn.masks.Shifted`;
+    `jattn.parallel` uses it so score modifiers see global positions).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> inner = FromFunction(lambda s, h, i, j: s + (i - j))
+      >>> Shifted(inner, q_origin=4, kv_origin=1, num_q=8, num_kv=8)(jnp.zeros(()), 0, 0, 0)
+      Array(3., dtype=float32)
+    """
+
+    score_mod: ScoreMod = child()
+    q_origin: Any = leaf((), default=0)
+    kv_origin: Any = leaf((), default=0)
+    num_q: int = 0
+    num_kv: int = 0
+
+    def __call__(self, score, head, q_idx, kv_idx):
+        return self.score_mod(score, head, q_idx + self.q_origin, kv_idx + self.kv_origin)
+
+    def batch_in_axes(self, batch_size, num_q, num_kv):
+        # The inner modifier's leaves are shaped for the full grid; the origins are
+        # scalars shared by the batch.
+        inner, inner_axes = self.score_mod.batch_in_axes(batch_size, self.num_q, self.num_kv)
+        axes = dataclasses.replace(self, score_mod=inner_axes, q_origin=None, kv_origin=None)
+        return dataclasses.replace(self, score_mod=inner), axes
 
 
 @index_function

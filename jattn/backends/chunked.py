@@ -41,9 +41,9 @@ from jax import lax
 from jattn import masks as masks_lib
 from jattn import ops as ops_lib
 from jattn.backends import heads as H
-
 from jattn.backends.contract import Backend
 from jattn.call import FEATURES, AttentionCall
+from jattn.differentiable import cotangent_tree, split_differentiable
 
 NAME = "chunked"
 
@@ -52,7 +52,7 @@ DEFAULT_BLOCK_SIZES = {"cpu": (512, 256), "gpu": (2048, 2048), "tpu": (512, 512)
 
 
 # Every feature but returning the weights, which it never materialises (dense can).
-SUPPORTS = frozenset(FEATURES) - {"return_weights"}
+SUPPORTS = frozenset(FEATURES) - {"return_weights", "sequence_sharding"}
 
 
 def block_sizes_for(call: AttentionCall, platform: str) -> tuple[int, int]:
@@ -72,10 +72,12 @@ def _head_scores(q, k, bias, head, q_idx, kv_idx, score_mod, *, scale, precision
     )
 
 
-def _head_tile_masks(dense_mask, head, batch_index, mask, rng, q_idx, kv_idx, *, masked, rate, num_kv):
+def _head_tile_masks(dense_mask, head, batch_index, mask, rng, origin, q_idx, kv_idx, *, masked, rate, num_kv):
     """For one head and tile: which entries may be attended (None on a FULL tile; keys
     past S are padding) and which survive dropout (None without dropout: the dense
-    backend's pattern, regenerated from the key and the global indices)."""
+    backend's pattern, regenerated from the key and the global indices; ``origin``
+    [4], when the call is a block of a larger problem, shifts the example, head, row
+    and key indices of the draw)."""
     allowed = keep = None
     if masked:
         allowed = kv_idx[None, :] < num_kv
@@ -85,17 +87,20 @@ def _head_tile_masks(dense_mask, head, batch_index, mask, rng, q_idx, kv_idx, *,
             allowed = allowed & dense_mask
         allowed = jnp.broadcast_to(allowed, (q_idx.shape[0], kv_idx.shape[0]))
     if rate > 0.0:
+        if origin is not None:
+            batch_index, head = batch_index + origin[0], head + origin[1]
+            q_idx, kv_idx = q_idx + origin[2], kv_idx + origin[3]
         key = H.head_dropout_key(rng, batch_index, head)
         keep = ops_lib.dropout_keep_mask(key, rate, q_idx[:, None], kv_idx[None, :])
     return allowed, keep
 
 
-def _head_forward_tile(q, k, v, bias, dense_mask, head, batch_index, mask, score_mod, rng,
+def _head_forward_tile(q, k, v, bias, dense_mask, head, batch_index, mask, score_mod, rng, origin,
                        q_idx, kv_idx, m, l, acc, *, masked, rate, scale, num_kv, precision):
     """One online-softmax step for one head: fold the tile of q [bq, H] against
     k [bk, H], v [bk, Hv] into the running (m [bq], l [bq], acc [bq, Hv])."""
     s = _head_scores(q, k, bias, head, q_idx, kv_idx, score_mod, scale=scale, precision=precision)
-    allowed, keep = _head_tile_masks(dense_mask, head, batch_index, mask, rng, q_idx, kv_idx,
+    allowed, keep = _head_tile_masks(dense_mask, head, batch_index, mask, rng, origin, q_idx, kv_idx,
                                      masked=masked, rate=rate, num_kv=num_kv)
     if allowed is not None:
         s = jnp.where(allowed, s, ops_lib.MASKED_SCORE)
@@ -115,13 +120,13 @@ def _head_forward_tile(q, k, v, bias, dense_mask, head, batch_index, mask, score
     return m_new, l_new, acc * correction[:, None] + pv
 
 
-def _head_backward_tile(s, v, do, lse, delta, dense_mask, head, batch_index, mask, rng,
+def _head_backward_tile(s, v, do, lse, delta, dense_mask, head, batch_index, mask, rng, origin,
                         q_idx, kv_idx, *, masked, rate, num_kv, precision):
     """Gradient pieces of one tile for one head, from its scores s [bq, bk]:
     returns (dS [bq, bk], dV [bk, Hv]).
 
     lse is +inf for fully masked rows, so their p = e^(s - lse) is exactly 0."""
-    allowed, keep = _head_tile_masks(dense_mask, head, batch_index, mask, rng, q_idx, kv_idx,
+    allowed, keep = _head_tile_masks(dense_mask, head, batch_index, mask, rng, origin, q_idx, kv_idx,
                                      masked=masked, rate=rate, num_kv=num_kv)
     p = jnp.exp(s - lse[:, None])
     if allowed is not None:
@@ -137,7 +142,7 @@ def _head_backward_tile(s, v, do, lse, delta, dense_mask, head, batch_index, mas
 
 
 def _head_backward_tile_transposed(q, k, v, do, lse, delta, dense_mask, head, batch_index, mask, rng,
-                                   q_idx, kv_idx, *, masked, rate, scale, num_kv, precision):
+                                   origin, q_idx, kv_idx, *, masked, rate, scale, num_kv, precision):
     """The whole backward of one tile for one head when scores are plain
     ``scale·q·kᵀ`` (no bias, no score_mod): returns (dQ [bq, H], dK [bk, H],
     dV [bk, Hv]), all float32.
@@ -148,7 +153,7 @@ def _head_backward_tile_transposed(q, k, v, do, lse, delta, dense_mask, head, ba
     a [8, 512, 256] tile's backward in 3.6 ms against 4.8 ms via `jax.vjp`)."""
     dtype = jnp.promote_types(jnp.promote_types(q.dtype, k.dtype), jnp.float32)
     s_t = jnp.einsum("sh,th->st", k, q, preferred_element_type=dtype, precision=precision) * jnp.asarray(scale, dtype)
-    allowed, keep = _head_tile_masks(dense_mask, head, batch_index, mask, rng, q_idx, kv_idx,
+    allowed, keep = _head_tile_masks(dense_mask, head, batch_index, mask, rng, origin, q_idx, kv_idx,
                                      masked=masked, rate=rate, num_kv=num_kv)
     p_t = jnp.exp(s_t - lse[None, :])
     if allowed is not None:
@@ -222,34 +227,6 @@ def _pad_last2(x, t_to, s_to, value):
     return jnp.pad(x, pads, constant_values=value)
 
 
-def _is_differentiable(leaf) -> bool:
-    return isinstance(leaf, jax.Array | np.ndarray) and jnp.issubdtype(leaf.dtype, jnp.inexact)
-
-
-def _cotangent_tree(tree, diff_grads):
-    """A cotangent for ``tree``: ``diff_grads`` at its float leaves, None (zero) at the
-    others (ints, keys, static values)."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    grads = iter(diff_grads)
-    return jax.tree_util.tree_unflatten(treedef, [next(grads) if _is_differentiable(x) else None for x in leaves])
-
-
-def _split_differentiable(tree):
-    """Leaves of a score_mod that take gradients (inexact arrays) vs the rest."""
-    if tree is None:
-        return [], lambda leaves: None
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    diff_positions = [n for n, leaf in enumerate(leaves) if _is_differentiable(leaf)]
-
-    def rebuild(diff_leaves):
-        new = list(leaves)
-        for n, leaf in zip(diff_positions, diff_leaves):
-            new[n] = leaf
-        return jax.tree_util.tree_unflatten(treedef, new)
-
-    return [leaves[n] for n in diff_positions], rebuild
-
-
 # ------------------------------------------------------------------------------ plan
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -290,10 +267,11 @@ class Operands(NamedTuple):
     head: Array  # [K, G] query-head ids
     batch_index: Array  # [B]
     rng: Array | None  # the dropout key
+    origin: Array | None  # [4] int32: the dropout draw's global (example, head, row, key) origin
     kinds: Array | None  # the tile table when it is only known at run time
 
 
-INDEX_AXES = (H.SHARED, H.SHARED, H.SHARED)  # rng, q_idx, kv_idx
+INDEX_AXES = (H.SHARED, H.SHARED, H.SHARED, H.SHARED)  # rng, dropout origin, q_idx, kv_idx
 
 
 def _tile_context(plan: Plan, ops: Operands, i, j):
@@ -302,7 +280,7 @@ def _tile_context(plan: Plan, ops: Operands, i, j):
     q_idx = i * plan.bq + jnp.arange(plan.bq, dtype=jnp.int32)
     kv_idx = j * plan.bk + jnp.arange(plan.bk, dtype=jnp.int32)
     dm_t = _tile_of(ops.dense_mask, i, j, plan.bq, plan.bk)
-    return (dm_t, ops.head, ops.batch_index, ops.mask), (ops.rng, q_idx, kv_idx)
+    return (dm_t, ops.head, ops.batch_index, ops.mask), (ops.rng, ops.origin, q_idx, kv_idx)
 
 
 def _run_tiles(plan: Plan, ops: Operands, carry, tile_fn, fold, empty_fn):
@@ -348,14 +326,14 @@ def _forward(plan: Plan, ops: Operands):
     state = (rows + ops_lib.MASKED_SCORE, rows, acc)
 
     def tile(i, j, state, masked):
-        context, (rng, q_idx, kv_idx) = _tile_context(plan, ops, i, j)
+        context, (rng, origin, q_idx, kv_idx) = _tile_context(plan, ops, i, j)
         fn = functools.partial(_head_forward_tile, masked=masked, rate=plan.rate, scale=plan.scale,
                                num_kv=plan.num_kv, precision=plan.precision)
         return H.vmap_heads(
             fn, Q, KV, KV, plan.bias_axes, *plan.context_axes(), (plan.score_mod_axes, None, None),
             *INDEX_AXES, Q, Q, Q, sizes=plan.sizes,
         )(ops.q[i], ops.k[j], ops.v[j], _tile_of(ops.bias, i, j, plan.bq, plan.bk), *context,
-          ops.score_mod, rng, q_idx, kv_idx, *(x[i] for x in state))
+          ops.score_mod, rng, origin, q_idx, kv_idx, *(x[i] for x in state))
 
     def fold(i, j, state, new):
         return tuple(_set_at(x, i, n) for x, n in zip(state, new))
@@ -374,16 +352,16 @@ def _forward(plan: Plan, ops: Operands):
 def _backward_tile(plan: Plan, ops: Operands, d_out, lse_safe, delta, i, j, masked):
     """This tile's contributions to (dQ_i, dK_j, dV_j, dbias_ij, dscore_mod leaves)."""
     Q, KV = H.PER_QUERY_HEAD, H.PER_KV_HEAD
-    context, (rng, q_idx, kv_idx) = _tile_context(plan, ops, i, j)
+    context, (rng, origin, q_idx, kv_idx) = _tile_context(plan, ops, i, j)
     common = dict(masked=masked, rate=plan.rate, num_kv=plan.num_kv, precision=plan.precision)
     if plan.plain_scores:
         grad = functools.partial(_head_backward_tile_transposed, scale=plan.scale, **common)
         dq_t, dk_t, dv_t = H.vmap_heads(
             grad, Q, KV, KV, Q, Q, Q, *plan.context_axes(), *INDEX_AXES, sizes=plan.sizes,
-        )(ops.q[i], ops.k[j], ops.v[j], d_out[i], lse_safe[i], delta[i], *context, rng, q_idx, kv_idx)
+        )(ops.q[i], ops.k[j], ops.v[j], d_out[i], lse_safe[i], delta[i], *context, rng, origin, q_idx, kv_idx)
         return dq_t, dk_t.sum(axis=2), dv_t.sum(axis=2), None, []
 
-    sm_leaves, rebuild_score_mod = _split_differentiable(ops.score_mod)
+    sm_leaves, rebuild_score_mod = split_differentiable(ops.score_mod)
 
     def scores(q_t, k_t, bias_t, sm_leaves):
         fn = functools.partial(_head_scores, scale=plan.scale, precision=plan.precision)
@@ -397,19 +375,24 @@ def _backward_tile(plan: Plan, ops: Operands, d_out, lse_safe, delta, i, j, mask
     grad = functools.partial(_head_backward_tile, **common)
     ds, dv_heads = H.vmap_heads(
         grad, Q, KV, Q, Q, Q, *plan.context_axes(), *INDEX_AXES, sizes=plan.sizes,
-    )(s, ops.v[j], d_out[i], lse_safe[i], delta[i], *context, rng, q_idx, kv_idx)
+    )(s, ops.v[j], d_out[i], lse_safe[i], delta[i], *context, rng, origin, q_idx, kv_idx)
     dq_t, dk_t, dbias_t, dsm_t = scores_vjp(ds)
     return dq_t, dk_t, dv_heads.sum(axis=2), dbias_t, dsm_t
 
 
-def _backward(plan: Plan, ops: Operands, out, lse, d_out):
-    """The cotangent of `Operands` from ``d_out``: dQ, dK, dV, dbias and the score
-    modifier's float leaves; None (zero) for the integer and key inputs."""
+def _backward(plan: Plan, ops: Operands, out, lse, d_out, d_lse):
+    """The cotangent of `Operands` from ``d_out`` and ``d_lse``: dQ, dK, dV, dbias and
+    the score modifier's float leaves; None (zero) for the integer and key inputs.
+
+    A cotangent on the log-sum-exp enters through ``delta``: ∂lse_i/∂s_ij = p_ij, so
+    dS_ij = p_ij (dP_ij - delta_i) with delta_i = dO_i·O_i - dlse_i."""
     acc_dtype = jnp.promote_types(ops.q.dtype, jnp.float32)
     delta = jnp.sum(d_out.astype(acc_dtype) * out.astype(acc_dtype), axis=-1)
+    if d_lse is not None:
+        delta = delta - jnp.where(jnp.isneginf(lse), 0.0, d_lse.astype(acc_dtype))
     # +inf on empty rows makes their recomputed p = e^(s - lse) exactly 0.
     lse_safe = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
-    sm_leaves, rebuild_score_mod = _split_differentiable(ops.score_mod)
+    sm_leaves, rebuild_score_mod = split_differentiable(ops.score_mod)
     grads = (
         jnp.zeros_like(ops.q, acc_dtype), jnp.zeros_like(ops.k, acc_dtype), jnp.zeros_like(ops.v, acc_dtype),
         None if ops.bias is None else jnp.zeros_like(ops.bias, acc_dtype),
@@ -439,12 +422,12 @@ def _backward(plan: Plan, ops: Operands, out, lse, d_out):
     d_q, d_k, d_v, d_bias, d_sm = _run_tiles(plan, ops, grads, tile, fold, nothing)
     d_score_mod = None
     if ops.score_mod is not None:
-        d_score_mod = _cotangent_tree(ops.score_mod, [d.astype(x.dtype) for d, x in zip(d_sm, sm_leaves)])
+        d_score_mod = cotangent_tree(ops.score_mod, [d.astype(x.dtype) for d, x in zip(d_sm, sm_leaves)])
     return ops._replace(
         q=d_q.astype(ops.q.dtype), k=d_k.astype(ops.k.dtype), v=d_v.astype(ops.v.dtype),
         bias=None if ops.bias is None else d_bias.astype(ops.bias.dtype),
         dense_mask=None, mask=None, score_mod=d_score_mod, head=None, batch_index=None, rng=None,
-        kinds=None,
+        origin=None, kinds=None,
     )
 
 
@@ -461,8 +444,10 @@ def _flash_fwd(plan: Plan, ops: Operands):
 
 def _flash_bwd(plan: Plan, residuals, cotangents):
     ops, out, lse = residuals
-    d_out, _ = cotangents  # lse is returned without gradient (as jax.nn does)
-    return (_backward(plan, ops, out, lse, d_out),)
+    # The public entry point stops the lse's gradient (as jax.nn does); jattn.parallel
+    # merges blocks by their lse and differentiates through it.
+    d_out, d_lse = cotangents
+    return (_backward(plan, ops, out, lse, d_out, d_lse),)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -509,6 +494,7 @@ def run(call: AttentionCall, platform: str):
         v=v.reshape(B, K, nk, bk, -1).transpose(2, 0, 1, 3, 4),
         bias=bias, dense_mask=dense_mask, mask=mask, score_mod=score_mod,
         head=g["head"], batch_index=g["batch_index"], rng=call.dropout_rng,
+        origin=None if call.dropout_origin is None else jnp.stack([jnp.asarray(o, jnp.int32) for o in call.dropout_origin]),
         kinds=None if static else kinds,
     )
     # Under jax.jvp a custom VJP cannot run: JAX differentiates the plain forward.
@@ -519,7 +505,9 @@ def run(call: AttentionCall, platform: str):
     lse_out = None
     if call.return_residual:
         lse = lse.transpose(1, 2, 3, 0, 4).reshape(B, K, G, Tp)[:, :, :, :T]
-        lse_out = lax.stop_gradient(H.ungroup_rows(lse).transpose(0, 2, 1))
+        lse_out = H.ungroup_rows(lse).transpose(0, 2, 1)
+        if not call.differentiable_residual:
+            lse_out = lax.stop_gradient(lse_out)
     return out, None, lse_out
 
 

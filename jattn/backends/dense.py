@@ -30,8 +30,13 @@ def _one_head(q, k, v, bias, dense_mask, head, batch_index, mask, score_mod, *, 
     weights = ops.attention_weights(scores, allowed)
     lse = ops.log_normalizer(scores, allowed) if call.return_residual else None
     if call.dropout_rate > 0.0:
+        q_idx = kv_idx = None
+        if call.dropout_origin is not None:  # a block of a larger problem: global indices
+            b0, n0, q0, kv0 = call.dropout_origin
+            batch_index, head = batch_index + b0, head + n0
+            q_idx, kv_idx = q0 + jnp.arange(T, dtype=jnp.int32), kv0 + jnp.arange(S, dtype=jnp.int32)
         key = H.head_dropout_key(call.dropout_rng, batch_index, head)
-        weights = ops.dropout_weights(weights, key, call.dropout_rate)
+        weights = ops.dropout_weights(weights, key, call.dropout_rate, q_idx=q_idx, kv_idx=kv_idx)
     return ops.context_vectors(weights, v, precision=call.precision), weights, lse
 
 
@@ -69,7 +74,8 @@ def run(call: AttentionCall, platform: str):
 
 BACKEND = Backend(
     name=NAME,
-    supports=frozenset(FEATURES),  # every feature: the reference
+    # Every feature but a split sequence (jattn.parallel splits it into block calls).
+    supports=frozenset(FEATURES) - {"sequence_sharding"},
     limits=lambda call, platform: None,
     run=run,
     description="the step functions vmapped over heads and batch; materialises [T, S] per head",
