@@ -98,16 +98,62 @@ class CheckpointConfig(Section):
     keep: PositiveInt = 2
 
 
+MESH_AXES = ("data", "fsdp", "tensor", "context")
+
+
 class MeshConfig(Section):
-    """Data parallelism: ``data`` devices on the mesh's one axis (-1: all local)."""
+    """The device mesh, one named axis per kind of parallelism (their product is the
+    number of devices used; -1 on one axis: all the devices the others leave):
+
+    - ``data``: the batch is split over it, the train state replicated (data parallel);
+    - ``fsdp``: the batch is split over it too, and the parameters' large axis
+      (``embed``: embedding, MLP and projection weights) and their optimizer state
+      are sharded over it (fully sharded data parallel);
+    - ``tensor``: attention heads (``heads``, ``kv_heads``) and the MLP's hidden axis
+      are sharded over it (tensor parallel);
+    - ``context``: the sequence axis of the batch and of the activations is sharded
+      over it (sequence / context parallel).
+
+    The default, ``data: -1``, is data parallelism over every device."""
 
     data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    context: int = 1
 
     @model_validator(mode="after")
     def _consistent(self) -> MeshConfig:
-        if self.data != -1 and self.data <= 0:
-            raise ValueError(f"mesh.data must be -1 (all local devices) or positive; got {self.data}")
+        for axis in MESH_AXES:
+            size = getattr(self, axis)
+            if size != -1 and size <= 0:
+                raise ValueError(f"config key 'mesh.{axis}' must be -1 (the devices the other axes "
+                                 f"leave) or a positive int; got {size}")
+        rest = [f"mesh.{a}" for a in MESH_AXES if getattr(self, a) == -1]
+        if len(rest) > 1:
+            raise ValueError(f"only one mesh axis can be -1 (the rest of the devices); got -1 for "
+                             f"{' and '.join(rest)}")
         return self
+
+    def sizes(self, num_devices: int, what: str = "local devices") -> dict[str, int]:
+        """Each axis's size on ``num_devices`` devices (-1 resolved; ``what`` says
+        which devices, for the message); raises
+        ConfigError naming the keys when the mesh does not fit."""
+        fixed = {a: getattr(self, a) for a in MESH_AXES if getattr(self, a) != -1}
+        used = 1
+        for size in fixed.values():
+            used *= size
+        described = " x ".join(f"mesh.{a}={getattr(self, a)}" for a in MESH_AXES
+                               if getattr(self, a) != 1) or "mesh.data=1"
+        rest = next((a for a in MESH_AXES if getattr(self, a) == -1), None)
+        if rest is None:
+            if used > num_devices:
+                total = f" = {used} devices" if described.count(" x ") else ""
+                raise ConfigError(f"{described}{total} but only {num_devices} {what} are visible")
+            return fixed
+        if num_devices % used:
+            raise ConfigError(f"{described}: mesh.{rest}=-1 takes the devices the other axes leave, "
+                              f"but {num_devices} {what} are not a multiple of {used}")
+        return {**fixed, rest: num_devices // used}
 
 
 class TargetConfig(Section):
@@ -152,6 +198,13 @@ class Config(Section):
                              "the same loss windows")
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
             raise ValueError(f"config key 'name' must be a plain folder name; got {self.name!r}")
+        m = self.mesh
+        for key, value, axis in (("model.num_heads", self.model.num_heads, "tensor"),
+                                 ("model.mlp_dim", self.model.mlp_dim, "tensor"),
+                                 ("model.d_model", self.model.d_model, "fsdp")):
+            if getattr(m, axis) > 1 and value % getattr(m, axis):
+                raise ValueError(f"{key} ({value}) must be a multiple of mesh.{axis} ({getattr(m, axis)}), "
+                                 f"which shards it")
         task = tasks.get(self.data.task)
         if self.target.metric not in task.metrics:
             raise schema.invalid_choice("target.metric", self.target.metric, list(task.metrics),
@@ -195,6 +248,6 @@ def dump(cfg: Config, path: str | pathlib.Path, header: str = "") -> None:
 
 __all__ = [
     "AttentionConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig",
-    "MeshConfig", "ModelConfig", "TargetConfig", "ThroughputConfig", "TrainConfig", "all_keys",
+    "MESH_AXES", "MeshConfig", "ModelConfig", "TargetConfig", "ThroughputConfig", "TrainConfig", "all_keys",
     "dump", "from_dict", "load", "to_dict",
 ]

@@ -108,7 +108,8 @@ class FlaxAttention(nnx.MultiHeadAttention):
         return cls(
             num_heads=cfg.num_heads, in_features=cfg.d_model, num_kv_heads=a.num_kv_heads,
             use_bias=False, dropout_rate=cfg.dropout, normalize_qk=a.qk_norm, decode=False,
-            dtype=dtype, keep_rngs=False, rngs=rngs, **extra,
+            dtype=dtype, keep_rngs=False, rngs=rngs, kernel_metadata=logical_axes("embed", "heads", "head_dim"),
+            out_kernel_metadata=logical_axes("heads", "head_dim", "embed"), **extra,
         )
 
     def create_cache(self, batch_size: int, max_length: int, dtype=None):
@@ -221,12 +222,23 @@ def embed_continuing(model: nnx.Module, tokens_BT, caches, *, deterministic: boo
     return model.dropout(x_BTD, deterministic=deterministic, rngs=rngs), positions_BT
 
 
+def logical_axes(*names: str) -> dict:
+    """Parameter metadata naming its axes (``embed`` D, ``mlp`` the MLP's hidden axis,
+    ``vocab`` V, ``positions`` the learned positions' table), as jattn's modules name
+    theirs (``heads``, ``kv_heads``, ``head_dim``): `experiments.run` maps the names to
+    mesh axes.  Nothing is sharded when the parameter is created (``eager_sharding``
+    off): the run creates the train state under ``jit`` with its shardings."""
+    return {"out_sharding": names, "eager_sharding": False}
+
+
 class MLP(nnx.Module):
     """``x [B, T, D] -> down(gelu(up(x))) [B, T, D]``."""
 
     def __init__(self, d_model: int, mlp_dim: int, *, dtype, rngs: nnx.Rngs):
-        self.up = nnx.Linear(d_model, mlp_dim, use_bias=False, dtype=dtype, rngs=rngs)
-        self.down = nnx.Linear(mlp_dim, d_model, use_bias=False, dtype=dtype, rngs=rngs)
+        self.up = nnx.Linear(d_model, mlp_dim, use_bias=False, dtype=dtype, rngs=rngs,
+                             kernel_metadata=logical_axes("embed", "mlp"))
+        self.down = nnx.Linear(mlp_dim, d_model, use_bias=False, dtype=dtype, rngs=rngs,
+                               kernel_metadata=logical_axes("mlp", "embed"))
 
     def __call__(self, x_BTD):
         return self.down(jax.nn.gelu(self.up(x_BTD)))
@@ -236,9 +248,9 @@ class Block(nnx.Module):
     """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
     def __init__(self, cfg: ModelConfig, *, max_len: int, dtype, rngs: nnx.Rngs):
-        self.attn_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, rngs=rngs)
+        self.attn_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, rngs=rngs, scale_metadata=logical_axes("embed"))
         self.attn = make_attention(cfg, max_len=max_len, dtype=dtype, rngs=rngs)
-        self.mlp_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, rngs=rngs)
+        self.mlp_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, rngs=rngs, scale_metadata=logical_axes("embed"))
         self.mlp = MLP(cfg.d_model, cfg.mlp_dim, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.dropout)
 
@@ -275,15 +287,17 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         self.max_len = max_len
         self.causal = causal
-        self.embed = nnx.Embed(vocab_size, cfg.d_model, dtype=dtype, rngs=rngs)
+        self.embed = nnx.Embed(vocab_size, cfg.d_model, dtype=dtype, rngs=rngs,
+                               embedding_metadata=logical_axes("vocab", "embed"))
         self.pos_embed = (
-            nnx.Embed(max_len, cfg.d_model, dtype=dtype, rngs=rngs)
+            nnx.Embed(max_len, cfg.d_model, dtype=dtype, rngs=rngs, embedding_metadata=logical_axes("positions", "embed"))
             if cfg.positions == "learned" else None
         )
         self.blocks = nnx.List([Block(cfg, max_len=max_len, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, rngs=rngs)
+        self.final_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, rngs=rngs, scale_metadata=logical_axes("embed"))
         num_outputs = vocab_size if num_outputs is None else num_outputs
-        self.head = (nnx.Linear(cfg.d_model, num_outputs, use_bias=False, dtype=dtype, rngs=rngs)
+        self.head = (nnx.Linear(cfg.d_model, num_outputs, use_bias=False, dtype=dtype, rngs=rngs,
+                                kernel_metadata=logical_axes("embed", "vocab"))
                      if num_outputs else None)
         self.dropout = nnx.Dropout(cfg.dropout)
 

@@ -1,6 +1,12 @@
 """Train a tiny transformer on one of the tasks, as a config says.
 
     python -m experiments.train --config configs/default.yaml [key=value ...] [--resume]
+    python -m experiments.launch --processes 2 --devices-per-process 4 -- --config ... # several processes
+
+Several processes (``jax.distributed``): ``--coordinator host:port --num-processes N
+--process-id i`` (or ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+``JAX_PROCESS_ID``) in each; `experiments.launch` starts N of them on one machine.
+Every process computes; process 0 alone writes the run folder's files and prints.
 
 The run folder ``<runs_dir>/<name>/`` receives the resolved ``config.yaml``,
 ``metrics.jsonl`` (one JSON object a line: ``split`` "train" or "eval", ``step``, the
@@ -34,14 +40,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from experiments import config as config_lib
-from experiments import plot
 from experiments import run as run_lib
 from experiments.config import Config
 from experiments.schema import ConfigError
 
 
 def _console():
-    return Console(highlight=False, soft_wrap=True)  # long lines stay whole in logs
+    # long lines stay whole in logs; processes other than 0 stay quiet
+    return Console(highlight=False, soft_wrap=True, quiet=not run_lib.is_main_process())
 
 
 def _progress(console):
@@ -58,26 +64,32 @@ def train(cfg: Config, *, resume: bool = False, console=None) -> dict:
     also written to ``summary.json``."""
     console = console or _console()
     t_start = time.perf_counter()
+    main = run_lib.is_main_process()  # writes the files; every process computes
     out = run_lib.run_dir(cfg)
     ckpt_dir = out / "checkpoints"
     if resume and (out / "config.yaml").exists():
         saved = config_lib.load(out / "config.yaml")
-        free = ("runs_dir", "plot", "mesh.data")  # where and how, not what, is computed
+        # where and how, not what, is computed
+        free = ("runs_dir", "plot", *(f"mesh.{a}" for a in config_lib.MESH_AXES))
         diff = [k for k, _, _ in _diff(config_lib.to_dict(saved), config_lib.to_dict(cfg)) if k not in free]
         if diff:
             raise ConfigError(
                 f"--resume: the config differs from {out / 'config.yaml'} in {', '.join(diff)}; "
                 "resume with the same config (or start a new run with name=...)"
             )
-    elif out.exists() and not resume:
-        run_lib.clear_run_folder(out)
-        console.print(f"{out} exists: starting over (pass --resume to continue it)")
-    out.mkdir(parents=True, exist_ok=True)
-    config_lib.dump(cfg, out / "config.yaml", header=_command_line(cfg))
+    s = run_lib.setup(cfg)  # before touching the folder: a config error leaves it as it was
+    run_lib.sync("read the run folder")
+    if main:
+        if out.exists() and not resume:
+            run_lib.clear_run_folder(out)
+            console.print(f"{out} exists: starting over (pass --resume to continue it)")
+        out.mkdir(parents=True, exist_ok=True)
+        config_lib.dump(cfg, out / "config.yaml", header=_command_line(cfg))
+    run_lib.sync("run folder ready")
 
-    s = run_lib.setup(cfg)
     task, mesh, state = s.task, s.mesh, s.state
-    replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
     k = run_lib.keys(cfg)
 
     mngr = run_lib.checkpoint_manager(ckpt_dir, cfg.checkpoint.keep)
@@ -88,24 +100,21 @@ def train(cfg: Config, *, resume: bool = False, console=None) -> dict:
         console.print(f"resumed {out} from the checkpoint at step {start}")
     elif resume:
         console.print(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
-    log = run_lib.MetricsLog(out / "metrics.jsonl", start if resume else None)
+    log = run_lib.MetricsLog(out / "metrics.jsonl" if main else None, start if resume else None)
 
     # Held-out set: fixed, generated once, split into eval batches on the data axis.
     eval_batches, reference = run_lib.eval_batches(s)
     B = cfg.train.batch_size
     tokens_per_step = B * task.tokens_per_example
-    make_batch = jax.jit(
-        lambda task, step: task.train_batch(jax.random.fold_in(k["train_data"], step), B),
-        out_shardings=batched,
-    )
+    make_batch = run_lib.BatchFeeder(s.local_task if jax.process_count() > 1 else task, mesh, k["train_data"], B)
     train_step = jax.jit(
         run_lib.make_train_step(task, s.graphdef, s.tx, s.schedule, k["dropout"], cfg.model.dropout),
-        donate_argnums=0, out_shardings=(replicated, replicated),
+        donate_argnums=0, out_shardings=(state_shardings, replicated),
     )
     eval_step = jax.jit(run_lib.make_eval_step(task, s.graphdef), out_shardings=replicated)
 
     t0 = time.perf_counter()
-    example_batch = make_batch(task, 0)
+    example_batch = make_batch(0)
     train_step = train_step.lower(state, example_batch).compile()
     eval_step = eval_step.lower(state.params, eval_batches[0]).compile()
     compile_s = time.perf_counter() - t0
@@ -133,7 +142,7 @@ def train(cfg: Config, *, resume: bool = False, console=None) -> dict:
         bar = progress.add_task("train", total=cfg.train.steps, completed=start, info="")
         for step in range(start + 1, cfg.train.steps + 1):
             # state.step == step - 1 here: batch and dropout key are those of step - 1
-            batch = make_batch(task, step - 1)
+            batch = make_batch(step - 1)
             state, m = train_step(state, batch)
             window_losses.append(m["loss"])
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -172,14 +181,20 @@ def train(cfg: Config, *, resume: bool = False, console=None) -> dict:
         target=dict(metric=t.metric, op=t.op, value=t.value, reached=bool(reached)),
         train_loss=next((r["loss"] for r in reversed(rows) if r["split"] == "train"), None),
         tokens_per_s=float(np.median(tokens_per_s)) if tokens_per_s else None,
-        compile_s=compile_s, devices=run_lib.describe_devices(mesh), jax=jax.__version__,
+        compile_s=compile_s, devices=run_lib.describe_devices(mesh), processes=jax.process_count(),
+        mesh=dict(mesh.shape), jax=jax.__version__,
         data=s.task_info, resumed_from=start if resume else None,
     )
     summary["train_s"] = time.perf_counter() - t_start
-    if cfg.plot:
+    if cfg.plot and jax.process_count() > 1:
+        console.print(f"plots: not drawn in a multi-process run; python -m experiments.plot {out}")
+    elif cfg.plot:
+        from experiments import plot  # matplotlib: imported only when plotting
+
         summary["plots"] = [str(p) for p in plot.plot_run(out)]
     summary["wall_s"] = time.perf_counter() - t_start
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     verdict = "[green]reached[/]" if reached else "[red]NOT reached[/]"
     console.print(
         f"target {t.metric} {t.op} {t.value}: {verdict} ({value:.4f}) after {cfg.train.steps} steps "
@@ -213,8 +228,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", required=True, help="a YAML file under configs/")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    group = parser.add_argument_group("several processes (jax.distributed; or experiments.launch)")
+    group.add_argument("--coordinator", help="host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS; none: one process)")
+    group.add_argument("--num-processes", type=int, help="the number of processes (default: $JAX_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, help="this process's id, 0..N-1 (default: $JAX_PROCESS_ID)")
+    group.add_argument("--cpu-devices", type=int, help="force this many CPU devices in this process")
+    group.add_argument("--heartbeat-timeout", type=int, default=30, metavar="S",
+                       help="a process silent for S seconds is declared dead and the others stop (default 30)")
+    args = parser.parse_intermixed_args(argv)  # flags before, between or after the overrides
     try:
+        run_lib.start_processes(args.coordinator, args.num_processes, args.process_id,
+                                cpu_devices=args.cpu_devices, heartbeat_timeout_s=args.heartbeat_timeout)
         cfg = config_lib.load(args.config, args.overrides)
         return train(cfg, resume=args.resume)
     except ConfigError as e:
