@@ -10,6 +10,7 @@ import jax
 
 from jattn import dispatch
 from jattn import options as options_lib
+from jattn.backends import per_device
 from jattn.backends.registry import BACKENDS
 from jattn.call import AttentionCall, validate
 
@@ -59,7 +60,8 @@ def dot_product_attention(query: Array, key: Array, value: Array, bias: Array | 
     call = _validated("dot_product_attention", query, key, value, bias, mask, options)
     platform = dispatch.current_platform()
     choice = dispatch.choose(call, platform)
-    out, weights, lse = dispatch.BACKENDS[choice.backend].run(call, platform)
+    # A per-device backend (a fused kernel) on sharded inputs runs in jax.shard_map.
+    out, weights, lse = per_device.run(dispatch.BACKENDS[choice.backend], call, platform)
     if lse is not None:  # as jax.nn: the input dtype, no gradient
         lse = jax.lax.stop_gradient(lse.astype(call.query.dtype))
     if call.unbatched:

@@ -29,7 +29,7 @@ import dataclasses
 
 import jax
 
-from jattn.backends import contract
+from jattn.backends import contract, per_device
 from jattn.backends.registry import BACKENDS
 from jattn.call import AttentionCall
 
@@ -77,7 +77,7 @@ def choose(call: AttentionCall, platform: str) -> Explanation:
                 f"{refused[call.implementation]}"
             )
         others = {n: "not requested (implementation was given)" for n in BACKENDS if n != call.implementation}
-        return Explanation(call.implementation, "requested by implementation=", others)
+        return Explanation(call.implementation, _with_layout(call.implementation, "requested by implementation=", call), others)
 
     s = call.shape
     scores = s["T"] * s["S"]
@@ -124,4 +124,11 @@ def choose(call: AttentionCall, platform: str) -> Explanation:
     for name in BACKENDS:
         if name != chosen:
             refused.setdefault(name, f"{chosen} is preferred when it applies")
-    return Explanation(chosen, reason, refused)
+    return Explanation(chosen, _with_layout(chosen, reason, call), refused)
+
+
+def _with_layout(chosen: str, reason: str, call: AttentionCall) -> str:
+    """``reason``, and for a per-device backend on sharded inputs, how it is split."""
+    if not getattr(BACKENDS[chosen], "per_device", False) or (layout := per_device.plan(call)) is None:
+        return reason
+    return f"{reason}; runs per device in jax.shard_map ({layout.describe()})"

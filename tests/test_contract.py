@@ -116,3 +116,29 @@ def test_forward_mode_is_a_feature_the_fused_backends_lack():
     assert why.backend == "dense", str(why)
     assert "forward-mode" in why.refused["pallas"] and "forward-mode" in why.refused["cudnn"]
     assert jattn.explain(q, q, q, is_causal=True, query_offset=3, platform="gpu").backend == "pallas"
+
+
+def test_the_fused_kernels_run_per_device():
+    """cuDNN, Pallas and splash compute on one device's arrays; on sharded inputs
+    `jattn.backends.per_device` runs them in jax.shard_map (tests/test_sharding.py)."""
+    per_device = {name for name, backend in registry.BACKENDS.items() if backend.per_device}
+    assert per_device == {"cudnn", "pallas", "splash"}
+
+
+def test_per_device_knows_every_field_that_holds_arrays():
+    """The per-device path slices the arrays of the fields it knows and refuses a
+    sharded call with arrays anywhere else; a call using every option holds arrays in
+    exactly those fields."""
+    from jattn import masks, score_mods
+    from jattn.backends import per_device
+
+    q = jnp.ones((2, 6, 2, 4))
+    ids, lengths = jnp.zeros((2, 6), jnp.int32), jnp.array([6, 3])
+    call = make_call(q, q, q, jnp.ones((1, 2, 6, 6)), masks.PrefixLM(jnp.array([1, 2])), is_causal=True,
+                     query_offset=jnp.array([0, 1]), query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                     query_segment_ids=ids, score_mod=score_mods.ALiBi(num_heads=2, offset=jnp.array([0, 1])),
+                     dropout_rate=0.1, dropout_rng=jax.random.key(0))
+    holding = {f.name for f in dataclasses.fields(call) if per_device._arrays_in(getattr(call, f.name))}
+    dense_mask = make_call(q, q, q, None, jnp.ones((6, 6), bool)).dense_mask
+    assert holding | {"dense_mask"} == set(per_device.KNOWN_ARRAY_FIELDS) and dense_mask is not None
+    assert per_device.plan(call) is None  # one device: nothing split, the backend runs as it is

@@ -95,3 +95,10 @@ def test_explanation_prints_every_backend():
 def test_explain_rejects_unknown_arguments():
     with pytest.raises(TypeError, match="explain: unknown keyword argument 'causal' \\(did you mean 'is_causal'\\?\\)"):
         jattn.explain(*_inputs(64), causal=True)
+
+
+def test_unsharded_inputs_say_nothing_of_shard_map():
+    """Only inputs split over a mesh run per device (tests/test_sharding.py covers them)."""
+    for platform, dtype in (("gpu", jnp.bfloat16), ("tpu", jnp.float32)):
+        why = jattn.explain(*_inputs(4096, dtype=dtype), is_causal=True, platform=platform)
+        assert why.backend in ("cudnn", "splash") and "shard_map" not in why.reason, why

@@ -2,7 +2,12 @@
 
 A backend is a `Backend` value: its ``name``, the call features it ``supports``
 (names from `jattn.call.FEATURES`), ``limits(call, platform)`` for what a feature
-list cannot say (platform, dtypes, head dims, sharding), and ``run(call, platform)``.
+list cannot say (platform, dtypes, head dims), ``run(call, platform)``, and whether
+it runs on one device's data only (``per_device``: a fused kernel without a
+partitioning rule).  A per-device backend never sees sharded inputs: on inputs split
+over batch / heads of an explicit-axis mesh `jattn.backends.per_device` runs it
+inside `jax.shard_map` on each device's slice, and `refusal` adds that module's
+reasons (a sharded sequence axis, heads that do not split by whole GQA groups, ...).
 `refusal` fails closed: a call using any feature the backend does not declare is
 refused with that feature named, before ``limits`` is asked, so a feature added to
 `jattn.call.AttentionCall` is refused by every backend that has not declared it.
@@ -27,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from jattn.backends import per_device as per_device_lib
 from jattn.call import FEATURES, AttentionCall
 
 Limits = Callable[[AttentionCall, str], "str | None"]
@@ -36,8 +42,9 @@ Run = Callable[[AttentionCall, str], tuple]
 @dataclasses.dataclass(frozen=True)
 class Backend:
     """One backend: ``name``, the features it ``supports``, its other ``limits``,
-    its ``run`` function, a one-line ``description``, and how a refusal for missing
-    features reads (``lacks``, with ``{features}`` filled in)."""
+    its ``run`` function, a one-line ``description``, how a refusal for missing
+    features reads (``lacks``, with ``{features}`` filled in), and ``per_device``:
+    True when ``run`` computes on one device's arrays only (see the module doc)."""
 
     name: str
     supports: frozenset[str]
@@ -45,6 +52,7 @@ class Backend:
     run: Run
     description: str
     lacks: str = "does not support {features}"
+    per_device: bool = False
 
 
 def refusal(backend: Backend, call: AttentionCall, platform: str) -> str | None:
@@ -53,4 +61,6 @@ def refusal(backend: Backend, call: AttentionCall, platform: str) -> str | None:
     if missing:
         features = ", ".join(FEATURES.get(f, f"{f!r} (a call field no backend declares)") for f in missing)
         return backend.lacks.format(features=features)
-    return backend.limits(call, platform)
+    if (why := backend.limits(call, platform)) is not None:
+        return why
+    return per_device_lib.refusal(call) if backend.per_device else None

@@ -81,4 +81,7 @@ BACKEND = Backend(
     name=NAME, supports=SUPPORTS, limits=limits, run=run,
     description="jax.nn.dot_product_attention(implementation='cudnn'): NVIDIA's fused kernel",
     lacks="jax.nn's cuDNN path has no {features}",
+    # Under an explicit-axis mesh run in jax.shard_map like the Pallas kernels (jax.nn's
+    # custom_partitioning rule serves GSPMD-sharded inputs, which types do not show).
+    per_device=True,
 )

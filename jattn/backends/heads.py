@@ -7,6 +7,9 @@ values shared), then over K, then over the batch.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 
@@ -65,9 +68,9 @@ def pad_axis(x: Array, axis: int, to: int, value=0) -> Array:
 
 def sharded_spec(x):
     """The PartitionSpec of ``x`` under an explicit-axis mesh when some axis is split
-    over more than one device, else None.  A Pallas call has no partitioning rule
-    (XLA would gather every shard to every device), so kernel backends refuse such
-    inputs and ask for `jax.shard_map`, where each device sees its own shard."""
+    over more than one device, else None.  (A Pallas call has no partitioning rule, so
+    `jattn.backends.per_device` runs the kernel backends in `jax.shard_map` on such
+    inputs.)"""
     sharding = getattr(jax.typeof(x), "sharding", None)
     spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
     if spec is None or mesh is None:
@@ -178,8 +181,31 @@ def _map_level(fn, in_axes: tuple, size: int):
     return call
 
 
+# (first example, first query head) of the slice a per-device backend is computing,
+# set by `jattn.backends.per_device` while it traces the backend in jax.shard_map.
+_SHARD_ORIGIN = contextvars.ContextVar("jattn_shard_origin", default=None)
+
+
+@contextlib.contextmanager
+def shard_origin(batch, head):
+    """Within: the call being traced is one device's slice of a call whose examples
+    start at global index ``batch`` and query heads at ``head`` (ints or traced
+    scalars); `head_dropout_key` adds them, so each slice draws the unsharded call's
+    dropout pattern.  A backend must derive its keys while ``run`` is traced (not in
+    a backward pass traced later, nor inside a cached ``jax.jit``)."""
+    token = _SHARD_ORIGIN.set((batch, head))
+    try:
+        yield
+    finally:
+        _SHARD_ORIGIN.reset(token)
+
+
 def head_dropout_key(rng, batch_index, head):
-    """The dropout key of one (example, query head); every backend derives it so."""
+    """The dropout key of one (example, query head); every backend derives it so.
+    Indices are global: inside `shard_origin` the slice's origin is added."""
+    origin = _SHARD_ORIGIN.get()
+    if origin is not None:
+        batch_index, head = batch_index + origin[0], head + origin[1]
     return jax.random.fold_in(jax.random.fold_in(rng, batch_index), head)
 
 

@@ -6,8 +6,8 @@ soft-capping, segment ids, causal and sliding-window masks shifted by ``query_of
 kernels live in `jattn.backends.flash_kernels`; this module maps an `AttentionCall`
 onto them: it pads T and S to whole tiles and the head dim to a power of two, turns
 key lengths into a per-key validity vector, and zeroes rows past the query lengths.
-A kernel runs on one device's arrays: inputs split over an explicit mesh are refused
-(call it inside `jax.shard_map`, where each device sees its shard).
+A kernel runs on one device's arrays (``per_device=True``): inputs split over batch /
+heads of an explicit mesh are run in `jax.shard_map` by `jattn.backends.per_device`.
 
 Example (on a CPU the same kernels run through the Pallas interpreter):
   >>> import jax.numpy as jnp
@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 
 from jattn.backends import flash_kernels as fk
-from jattn.backends import heads as H
 from jattn.backends.heads import pad_axis
 from jattn.backends.contract import Backend
 from jattn.call import AttentionCall
@@ -62,11 +61,6 @@ def limits(call: AttentionCall, platform: str) -> str | None:
                 "dots round to TF32; chunked keeps float32 accuracy)")
     if s["Hv"] != s["H"] or s["H"] > MAX_HEAD_DIM:
         return f"needs equal query/value head dims of at most {MAX_HEAD_DIM}; got H={s['H']}, Hv={s['Hv']}"
-    if (spec := H.sharded_spec(call.query)) is not None:
-        # A Triton call has no partitioning rule: XLA would gather every shard to
-        # every device.  Inside jax.shard_map the call sees its local shard only.
-        return (f"the query is sharded over a mesh ({spec}); a Pallas kernel runs on one "
-                "device's data, so call it inside jax.shard_map")
     return None
 
 
@@ -144,4 +138,5 @@ BACKEND = Backend(
     name=NAME, supports=SUPPORTS, limits=limits, run=run,
     description="jattn's fused Pallas (Triton) flash-attention kernels for NVIDIA GPUs",
     lacks="its kernels have no {features} (chunked has)",
+    per_device=True,  # a pallas_call has no partitioning rule
 )

@@ -48,7 +48,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn import masks as masks_lib
-from jattn.backends import heads as H
 from jattn.backends.heads import pad_axis
 from jattn.backends import splash_masks
 from jattn.backends.contract import Backend
@@ -101,9 +100,6 @@ def serves(call: AttentionCall) -> str | None:
         return f"needs float32 or bfloat16 inputs; got {call.query.dtype}"
     if (why := splash_masks.why_not_static(static_mask(call))) is not None:
         return f"its mask must be known at trace time: {why}"
-    if (spec := H.sharded_spec(call.query)) is not None:
-        return (f"the query is sharded over a mesh ({spec}); a Pallas kernel runs on one "
-                "device's data, so call it inside jax.shard_map")
     return None
 
 
@@ -278,4 +274,5 @@ BACKEND = Backend(
     name=NAME, supports=SUPPORTS, limits=limits, run=run,
     description="JAX's block-sparse splash attention kernels (Pallas Mosaic) for TPUs",
     lacks="splash does not support {features} (chunked does)",
+    per_device=True,  # a pallas_call has no partitioning rule
 )
