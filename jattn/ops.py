@@ -303,10 +303,21 @@ def dropout_keep_mask(key: Array, rate: float, q_idx: Array, kv_idx: Array) -> A
       >>> bool(abs(keep.mean() - 0.75) < 0.01)
       True
     """
+    return dropout_keep_from_seed(dropout_seed(key), rate, q_idx, kv_idx)
+
+
+def dropout_seed(key: Array) -> Array:
+    """The uint32 scalar that `dropout_keep_mask` derives from ``key`` (a kernel
+    receives it instead of the key, whose typed array it cannot load)."""
     words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
     seed = _mix32(words[0] ^ jnp.uint32(0x9E3779B9))
     for word in words[1:]:
         seed = _mix32(seed ^ word)
+    return seed
+
+
+def dropout_keep_from_seed(seed: Array, rate: float, q_idx: Array, kv_idx: Array) -> Array:
+    """`dropout_keep_mask` from the key's `dropout_seed`: the same hash, entry by entry."""
     rows = _mix32(jnp.asarray(q_idx).astype(jnp.uint32) ^ seed)
     bits = _mix32(rows ^ (jnp.asarray(kv_idx).astype(jnp.uint32) * jnp.uint32(0x85EBCA6B)))
     threshold = min(int(round(rate * 2.0**32)), 2**32 - 1)

@@ -11,6 +11,12 @@ self-attention; forward+backward 3.5x forward).  Rows print as they finish and i
 still reports what matters most; a failing case is a row, not a crash.  The summary
 at the end gives each jattn row's speed-up over jax.nn xla measured in the same run.
 
+Flex rows first (issue 13): at T=4096, causal, the fused kernels against chunked on
+plain causal attention and with ALiBi, a learned relative-position table (closed over
+as a constant: its gradient is not taken), a document mask_mod, soft-capping and
+dropout 0.1, forward and forward+backward.  The whole table, flex rows included, is
+one markdown table; ``--flex`` stops after the flex rows.
+
 ``--dry-run`` (any machine): T=256 and the Pallas interpreter, to test the script.
 """
 
@@ -28,6 +34,7 @@ from jattn.backends import pallas
 
 ARGS = [a for a in sys.argv[1:] if not a.startswith("--")]
 DRY = "--dry-run" in sys.argv
+FLEX_ONLY = "--flex" in sys.argv
 BUDGET_S = float(ARGS[0]) if ARGS else 300.0
 START = time.perf_counter()
 B, N, H = 1, 16, 128
@@ -47,6 +54,24 @@ def attention_fn(impl, causal, tiles=None, **kw):
     return lambda q, k, v: jattn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl_arg, **kw)
 
 
+def flex_kwargs(name, T):
+    """jattn arguments of a flex row (plain: none beyond causal)."""
+    if name == "alibi":
+        return {"score_mod": jattn.score_mods.ALiBi(num_heads=N)}
+    if name == "relbias":  # a learned table (here a constant), 33 relative positions per head
+        table = jnp.linspace(-1.0, 1.0, N * 33).reshape(N, 33)
+        return {"score_mod": lambda s, h, i, j: s + table[h, jnp.clip(j - i, -16, 16) + 16]}
+    if name == "document":  # packed documents of ~T/8 tokens, ids closed over by the mask_mod
+        docs = jnp.arange(T, dtype=jnp.int32) * 8 // T
+        return {"mask": lambda i, j: docs[i] == docs[j]}
+    if name == "softcap":
+        return {"logits_soft_cap": 30.0}
+    if name == "dropout0.1":
+        return {"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}
+    assert name == "plain", name
+    return {}
+
+
 def _inputs(T, S=None, b=B, n=N, kv_heads=None):
     ks = jax.random.split(jax.random.key(T), 3)
     S = T if S is None else S
@@ -57,11 +82,15 @@ def _inputs(T, S=None, b=B, n=N, kv_heads=None):
 
 
 def time_case(T, causal, mode, impl, tiles=None, softcap=None, shape=None):
-    """(ms, TFLOP/s).  ``shape``: dict(S=, b=, n=, kv_heads=, offset=) for decoding rows."""
+    """(ms, TFLOP/s).  ``shape``: dict(S=, b=, n=, kv_heads=, offset=) for decoding rows,
+    or dict(flex=name) for a flex row."""
     shape = dict(shape or {})
     offset = shape.pop("offset", 0)
+    flex = shape.pop("flex", None)
     q, k, v = _inputs(T, **shape)
     kw = {} if softcap is None else {"logits_soft_cap": softcap}
+    if flex is not None:
+        kw.update(flex_kwargs(flex, T))
     if offset:
         kw["query_offset"] = offset
     f = attention_fn(impl, causal, tiles, **kw)
@@ -94,7 +123,11 @@ PEERS = ("jax.nn xla",) if DRY else ("jax.nn xla", "jax.nn cudnn")
 DECODE_S = 1024 if DRY else 8192
 DECODE = [(t, dict(S=DECODE_S, b=8, n=32, kv_heads=8, offset=DECODE_S - t)) for t in (1, 16)]
 
-CASES = [  # (T, causal, mode, impl, tiles, softcap, shape), in priority order
+FLEX = ("plain", "alibi", "relbias", "document", "softcap", "dropout0.1")
+FLEX_CASES = [(MID, True, m, impl, None, None, {"flex": name}) for name in FLEX for m in ("fwd", "fwd+bwd")
+              for impl in ("jattn pallas", "jattn chunked")]
+
+CASES = FLEX_CASES + ([] if FLEX_ONLY else [  # (T, causal, mode, impl, tiles, softcap, shape), in priority order
     # Re-measured with looped samples: the first run's T=4096 causal and T=1024 forward rows.
     *[(MID, True, "fwd", impl, None, None, None) for impl in ("jattn pallas", *PEERS)],
     *[(SHORT, c, m, impl, None, None, None) for c in (False, True) for m in ("fwd", "fwd+bwd")
@@ -106,7 +139,7 @@ CASES = [  # (T, causal, mode, impl, tiles, softcap, shape), in priority order
     *[(LONG, c, m, impl, None, None, None) for c in (False, True) for m in ("fwd", "fwd+bwd")
       for impl in ("jattn pallas", *PEERS)],
     *[(LONG, False, m, "jattn pallas", t, None, None) for m in ("fwd", "fwd+bwd") for t in TILE_SWEEP],
-]
+])
 
 
 def main():
@@ -121,7 +154,9 @@ def main():
     results = {}
     for T, causal, mode, impl, tiles, softcap, shape in CASES:
         mask = ("causal" if causal else "none") + (f"+softcap{softcap:g}" if softcap else "")
-        if shape:
+        if shape and "flex" in shape:
+            mask += f"+{shape['flex']}"
+        elif shape:
             mask += f" decode S={shape['S']} B={shape['b']} N={shape['n']} K={shape['kv_heads']}"
         label = "default" if tiles is None else f"{tiles.block_q}x{tiles.block_kv}/{tiles.block_q_dq}x{tiles.block_kv_dq}/{tiles.block_q_dkv}x{tiles.block_kv_dkv} w{tiles.num_warps} s{tiles.num_stages}"
         if time.perf_counter() - START > BUDGET_S:
@@ -134,6 +169,11 @@ def main():
         except Exception as e:  # a failing case is a row, not a crash
             row = f"error: {type(e).__name__}: {str(e)[:300]} |"
         print(f"| {T} | {mask} | {mode} | {impl} | {label} | {row} |", flush=True)
+    print("\nflex rows: pallas speed-up over chunked, same run (>1 is faster):", flush=True)
+    for (T, mask, mode, impl, label), ms in results.items():
+        base = results.get((T, mask, mode, "jattn chunked", label))
+        if "+" in mask and impl == "jattn pallas" and base:
+            print(f"  T={T:6d} {mask:20s} {mode:8s} {base / ms:5.2f}x", flush=True)
     print("\nspeed-up over jax.nn xla, same run (>1 is faster):", flush=True)
     for (T, mask, mode, impl, label), ms in results.items():
         base = results.get((T, mask, mode, "jax.nn xla", "default"))

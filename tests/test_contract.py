@@ -68,8 +68,8 @@ def test_only_the_backend_that_declares_a_feature_serves_it(monkeypatch):
 
 def test_explain_names_the_missing_feature():
     q = jnp.ones((1, 64, 2, 64), jnp.bfloat16)
-    why = jattn.explain(q, q, q, platform="gpu", score_mod=lambda s, h, i, j: s)
-    assert "score_mod" in why.refused["cudnn"] and "score_mod" in why.refused["pallas"]
+    why = jattn.explain(q, q, q, platform="gpu", mask=jnp.ones((1, 1, 64, 64), bool))
+    assert "boolean mask array" in why.refused["cudnn"] and "boolean mask array" in why.refused["pallas"]
 
 
 def test_features_of_a_call():

@@ -142,16 +142,15 @@ BUNDLES = {
     "packed": Bundle(("segments", "window", "softcap", "gqa"), 4, 1),
     "mods": Bundle(("alibi", "bias", "mask_fn", "gqa"), 6, 2),
     "dropout": Bundle(("dropout", "gqa"), 4, 2),
-    # What pallas serves: index masks with int offsets, lengths, segments, soft-capping.
+    # What pallas serves: index masks with int offsets, lengths, segments, soft-capping,
+    # and flex attention (mask objects, mask_mod, score_mod, bias, dropout).
     "band": Bundle(("causal_int", "window", "softcap", "gqa"), 6, 2),
+    "flex": Bundle(("mask_obj", "dropout", "gqa"), 4, 2),
     "ragged": Bundle(("segments", "lengths", "gqa"), 4, 1),
 }
 
 # Features pallas refuses, and words its refusal must contain.
-PALLAS_REFUSES = {
-    "causal": "query_offset", "mask_obj": "mask object or mask function",
-    "mask_fn": "mask object or mask function", "alibi": "score_mod", "bias": "bias", "dropout": "dropout",
-}
+PALLAS_REFUSES = {"causal": "query_offset"}
 
 
 def _merge(into: dict, new: dict, where: str):
@@ -512,11 +511,11 @@ CELLS = _cells({
     ],
     "pallas": [
         ("grad_of_jit+vmap+remat_nothing+debug_nans",
-         Generic(structure="vmap", remat="remat_nothing", order="grad_jit", modes=("debug_nans",)), "ragged"),
+         Generic(structure="vmap", remat="remat_nothing", order="grad_jit", modes=("debug_nans",)), "mods"),
         ("jit_of_grad+vmap_unbatched+remat_dots+rank_raise+dtype_strict",
          Generic(structure="vmap_unbatched", remat="remat_dots", modes=("rank_raise", "dtype_strict")), "band"),
         ("vjp_of_jit+nnx_scan_remat+x64", Special("nnx_scan_remat_vjp_x64"), None),
-        ("export+eval_shape", Special("export"), "band"),
+        ("export+eval_shape", Special("export"), "flex"),
         ("jvp", Special("jvp"), "plain"),
         ("linearize", Special("linearize"), "ragged"),
     ],

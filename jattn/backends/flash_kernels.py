@@ -19,6 +19,16 @@ Masks are what can be decided from indices inside a kernel: a band
 segment ids and a per-key validity vector (key lengths).  Each program visits only the
 blocks the band reaches and evaluates the band mask only on blocks it cuts.
 
+Flex attention (`Flex`): any jattn mask object or ``mask_mod`` and any score
+modifier (``score_mod``; then the soft-cap is part of it), traced into the kernel body
+by `jattn.backends.flex_tiles` and evaluated per tile; an additive bias, loaded tile by
+tile; dropout with `jattn.ops`'s per-element hash (the dense backend's pattern).  With
+a mask object the programs walk visit lists instead of the band's ranges: the tiles
+`Mask.block_kinds` leaves non-empty for their example, the mask evaluated only on
+those it does not fill.  The backward pass differentiates each tile's score function
+with `jax.vjp`: the dQ kernel also writes the bias gradient tile by tile and, per
+program, the gradient of every float array the score modifier uses (summed after).
+
 Everything here works on arrays already padded to whole blocks and to a power-of-two
 head dim (`jattn.backends.pallas` does that); ``spec.seq_kv`` is the unpadded key
 length, so padded keys are masked.  ``interpret=True`` runs the same kernels through
@@ -30,19 +40,44 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
 
+from jattn import ops as ops_lib
+from jattn.backends import flex_tiles
+
+try:  # Pallas itself; a JAX without it must still import jattn (the backend refuses).
+    from jax.experimental import pallas as pl
+except ImportError:  # pragma: no cover - depends on the JAX version
+    pl = None
 try:  # Pallas's Triton primitives; a jaxlib built without Triton lacks them.
     from jax.experimental.pallas import triton as pl_triton
 except ImportError:  # pragma: no cover - depends on the jaxlib build
     pl_triton = None
 
+# What the kernels use from Pallas and its Triton module: a JAX that lacks any of it
+# (the Triton lowering is deprecated in favour of Mosaic GPU) is refused by name.
+NEEDED = {
+    "jax.experimental.pallas": ("pallas_call", "BlockSpec", "program_id", "ds", "multiple_of"),
+    "jax.experimental.pallas.triton": ("CompilerParams", "dot"),
+}
+
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
+
+
+def missing_pieces() -> str | None:
+    """What this JAX lacks of what the kernels need (None: nothing), for a refusal."""
+    for module_name, module in (("jax.experimental.pallas", pl), ("jax.experimental.pallas.triton", pl_triton)):
+        if module is None:
+            return f"this JAX has no {module_name}"
+        absent = [name for name in NEEDED[module_name] if not hasattr(module, name)]
+        if absent:
+            return f"this JAX's {module_name} lacks {', '.join(absent)}"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +102,8 @@ class FlashSpec:
 
     ``left`` / ``right``: the band ``-left <= kv - (q + offset) <= right`` of keys a
     query row may see (None: unbounded on that side).  ``seq_q`` / ``seq_kv``: unpadded
-    lengths.
+    lengths.  ``mask_fn`` / ``score_fn``: flex functions (`flex_tiles.KernelFunction`)
+    or None; with ``score_fn`` the soft-cap is inside it.  ``rate``: dropout rate.
     """
 
     scale: float
@@ -79,6 +115,25 @@ class FlashSpec:
     seq_kv: int
     tiles: Tiles = Tiles()
     interpret: bool = False
+    mask_fn: flex_tiles.KernelFunction | None = None
+    score_fn: flex_tiles.KernelFunction | None = None
+    rate: float = 0.0
+
+
+class Flex(NamedTuple):
+    """The kernels' flex inputs (None or () where unused).
+
+    ``bias``: ``[1|B, 1|N, Tp, Sp]``.  ``mask_args`` / ``score_args``: the arguments
+    of ``spec.mask_fn`` / ``spec.score_fn``, each ``[1|B, ...]``.  ``seeds``: uint32
+    ``[B, N]``, each head's `jattn.ops.dropout_seed`.  ``tables``: the visit lists
+    (`flex_tiles.visit_lists`) of the forward, dQ and dK/dV kernels, or None (the
+    band's block ranges)."""
+
+    bias: Any = None
+    mask_args: tuple = ()
+    score_args: tuple = ()
+    seeds: Any = None
+    tables: Any = None
 
 
 def _compiler_params(spec: FlashSpec):
@@ -168,6 +223,28 @@ def _visit_blocks(bounds, step, carry):
     return lax.fori_loop(full_hi, hi, functools.partial(step, band=True), carry)
 
 
+def _visit_listed(table_refs, step, carry):
+    """Fold ``step(block, carry, band)`` over this program's visit list (see
+    `flex_tiles.visit_lists`): only non-empty tiles, the mask only on those it does
+    not fill (``band`` False on FULL tiles)."""
+    visits_ref, count_ref = table_refs
+
+    def body(t, carry):
+        entry = visits_ref[t]
+        block, full = entry // 2, entry % 2 == 1
+        return lax.cond(full, functools.partial(step, block, band=False),
+                        functools.partial(step, block, band=True), carry)
+
+    return lax.fori_loop(0, count_ref[...], body, carry)
+
+
+def _visit(flex, bounds, step, carry):
+    """The program's tiles: its visit list when the call has one, else the band's."""
+    if flex.tables is None:
+        return _visit_blocks(bounds, step, carry)
+    return _visit_listed(flex.tables, step, carry)
+
+
 def _tile_mask(spec: FlashSpec, rows, cols, q_seg, kv_seg, kv_valid, band: bool):
     """Boolean ``[bq, bk]`` of allowed (row, col) pairs, or None when all are allowed.
     ``rows`` / ``cols``: global indices ``[bq]`` / ``[bk]``.  ``band``: the tile may be
@@ -192,61 +269,151 @@ def _tile_mask(spec: FlashSpec, rows, cols, q_seg, kv_seg, kv_valid, band: bool)
     return mask
 
 
-def _scores(spec: FlashSpec, q, k):
-    """Base-2 scores ``[bq, bk]`` (float32) and, with soft-capping, tanh(s/c) for the
-    backward pass."""
-    s = pl_triton.dot(q, k, trans_b=True) * spec.scale
-    if spec.softcap is None:
-        return s * LOG2_E, None
-    t = jnp.tanh(s / spec.softcap)
-    return t * (spec.softcap * LOG2_E), t
+class _Program(NamedTuple):
+    """What a program holds for every tile it visits: its query head, the flex
+    functions' arguments for its example (Refs: an element lookup is a load), its
+    dropout seed, and whether it walks a visit list."""
+
+    head: Any
+    mask_values: list
+    score_values: list
+    seed: Any
+    listed: bool
 
 
-def _masked_scores(spec: FlashSpec, q, k, rows, cols, q_seg, kv_seg, kv_valid, band: bool):
-    """`_scores` with disallowed entries at -inf."""
-    s, t = _scores(spec, q, k)
+def _program(flex) -> _Program:
+    return _Program(
+        head=pl.program_id(2), mask_values=list(flex.mask_args), score_values=list(flex.score_args),
+        seed=_load(flex.seeds), listed=flex.tables is not None,
+    )
+
+
+def _allowed(spec: FlashSpec, prog: _Program, rows, cols, q_seg, kv_seg, kv_valid, band: bool):
+    """`_tile_mask` and the flex mask: ``[bq, bk]`` bool or None.  A listed FULL tile
+    (``band`` False) is allowed everywhere: its kind came from the whole mask."""
+    if prog.listed and not band:
+        return None
     mask = _tile_mask(spec, rows, cols, q_seg, kv_seg, kv_valid, band)
-    if mask is not None:
-        s = jnp.where(mask, s, -jnp.inf)
-    return s, t
+    if band and spec.mask_fn is not None:
+        flex_mask = flex_tiles.evaluate(spec.mask_fn, prog.mask_values, None, 0, rows, cols)
+        mask = flex_mask if mask is None else mask & flex_mask
+    return mask
+
+
+def _raw_scores(spec: FlashSpec, q, k, bias):
+    """``scale·q·kᵀ (+ bias)`` ``[bq, bk]`` float32: the scores before any modifier."""
+    s = pl_triton.dot(q, k, trans_b=True) * spec.scale
+    return s if bias is None else s + bias.astype(jnp.float32)
+
+
+def _modify(spec: FlashSpec, raw, head, rows, cols, score_values):
+    """The score modifier on a tile (the flex function, else the soft-cap alone)."""
+    if spec.score_fn is not None:
+        return flex_tiles.evaluate(spec.score_fn, score_values, raw, head, rows, cols)
+    if spec.softcap is not None:
+        return spec.softcap * jnp.tanh(raw / spec.softcap)
+    return raw
+
+
+def _keep(spec: FlashSpec, prog: _Program, rows, cols):
+    """Which weights of the tile survive dropout (None without dropout)."""
+    if spec.rate == 0.0:
+        return None
+    return ops_lib.dropout_keep_from_seed(prog.seed, spec.rate, rows[:, None], cols[None, :])
+
+
+def _masked(s, mask):
+    return s if mask is None else jnp.where(mask, s, -jnp.inf)
+
+
+def _dropped(x, keep, rate):
+    """``x / (1 - rate)`` where kept, 0 where dropped (x unchanged without dropout)."""
+    return x if keep is None else jnp.where(keep, x * (1.0 / (1.0 - rate)), 0.0)
 
 
 # ---------------------------------------------------------------- forward
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, kv_valid_ref, o_ref, lse_ref, *, spec: FlashSpec):
+def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, kv_valid_ref, flex, o_ref, lse_ref, *,
+                    spec: FlashSpec):
     bq, bk = spec.tiles.block_q, spec.tiles.block_kv
     i = pl.program_id(0)
     num_kv_blocks = k_ref.shape[0] // bk
-    rows = i * bq + jnp.arange(bq)
+    rows = i * bq + jnp.arange(bq, dtype=jnp.int32)
     q = q_ref[...]
     q_seg = _load(q_seg_ref)
     hp = v_ref.shape[-1]
+    prog = _program(flex)
 
     def step(j, carry, band):
         acc, m, l = carry
         start = pl.multiple_of(j * bk, bk)
         kv_slice = pl.ds(start, bk)
-        s, _ = _masked_scores(spec, q, k_ref[kv_slice, :], rows, start + jnp.arange(bk), q_seg,
-                              _load(kv_seg_ref, kv_slice), _load(kv_valid_ref, kv_slice), band)
+        cols = start + jnp.arange(bk, dtype=jnp.int32)
+        raw = _raw_scores(spec, q, k_ref[kv_slice, :], _load(flex.bias, (slice(None), kv_slice)))
+        s = _modify(spec, raw, prog.head, rows, cols, prog.score_values) * LOG2_E
+        s = _masked(s, _allowed(spec, prog, rows, cols, q_seg, _load(kv_seg_ref, kv_slice),
+                                _load(kv_valid_ref, kv_slice), band))
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         # A row with nothing visible yet keeps m = -inf; shift by 0 there to avoid inf - inf.
         shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp2(s - shift[:, None])
         correction = jnp.exp2(m - shift)
         l = l * correction + jnp.sum(p, axis=1)
+        p = _dropped(p, _keep(spec, prog, rows, cols), spec.rate)
         v = v_ref[kv_slice, :]
         acc = acc * correction[:, None] + pl_triton.dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
     carry = (jnp.zeros((bq, hp), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
-    acc, m, l = _visit_blocks(kv_block_range(spec, i, bq, bk, num_kv_blocks), step, carry)
+    acc, m, l = _visit(flex, kv_block_range(spec, i, bq, bk, num_kv_blocks), step, carry)
     empty = l == 0.0
     o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, l)))
 
 
-def _forward(q, k, v, q_seg, kv_seg, kv_valid, spec: FlashSpec):
+def _pick(size: int, index):
+    """The block index along an axis that is either full size or broadcast (size 1)."""
+    return index if size > 1 else 0
+
+
+def _arg_spec(arg):
+    """A flex argument ``[1|B, ...]``: each program gets its example's slice."""
+    rest = arg.shape[1:]
+    return pl.BlockSpec((None, *rest), lambda o, b, n: (_pick(arg.shape[0], b),) + (0,) * len(rest))
+
+
+def _flex_specs(flex: Flex, table, *, rows_outer: bool, block: int, Tp: int, Sp: int) -> Flex:
+    """BlockSpecs of ``flex`` (with ``table``, this kernel's visit lists) for a grid
+    ``(outer block o, b, n)``: ``rows_outer`` when o is a query block (forward, dQ),
+    else a kv block (dK/dV) of ``block`` rows or columns."""
+    bias_spec = None
+    if flex.bias is not None:
+        Bb, Nb = flex.bias.shape[:2]
+        if rows_outer:
+            bias_spec = pl.BlockSpec((None, None, block, Sp), lambda o, b, n: (_pick(Bb, b), _pick(Nb, n), o, 0))
+        else:
+            bias_spec = pl.BlockSpec((None, None, Tp, block), lambda o, b, n: (_pick(Bb, b), _pick(Nb, n), 0, o))
+    table_specs = None
+    if table is not None:
+        width = table[0].shape[-1]
+        table_specs = (pl.BlockSpec((None, None, width), lambda o, b, n: (b, o, 0)),
+                       pl.BlockSpec((None, None), lambda o, b, n: (b, o)))
+    return Flex(
+        bias=bias_spec,
+        mask_args=tuple(_arg_spec(a) for a in flex.mask_args),
+        score_args=tuple(_arg_spec(a) for a in flex.score_args),
+        seeds=None if flex.seeds is None else pl.BlockSpec((None, None), lambda o, b, n: (b, n)),
+        tables=table_specs,
+    )
+
+
+def _for_kernel(flex: Flex, which: int) -> Flex:
+    """``flex`` with only kernel ``which``'s visit lists (0 forward, 1 dQ, 2 dK/dV)."""
+    return flex._replace(tables=None if flex.tables is None else flex.tables[which])
+
+
+def _forward(q, k, v, q_seg, kv_seg, kv_valid, flex: Flex, spec: FlashSpec):
     """Padded inputs ``q [B, Tp, N, Hp]``, ``k, v [B, Sp, K, Hp]`` → ``(out [B, Tp, N,
     Hp], lse₂ [B, N, Tp] float32)``."""
     B, Tp, N, Hp = q.shape
@@ -254,6 +421,7 @@ def _forward(q, k, v, q_seg, kv_seg, kv_valid, spec: FlashSpec):
     G = N // K
     bq = spec.tiles.block_q
     grid = (Tp // bq, B, N)
+    flex = _for_kernel(flex, 0)
     in_specs = [
         pl.BlockSpec((None, bq, None, Hp), lambda i, b, n: (b, i, n, 0)),
         pl.BlockSpec((None, Sp, None, Hp), lambda i, b, n: (b, 0, n // G, 0)),
@@ -261,6 +429,7 @@ def _forward(q, k, v, q_seg, kv_seg, kv_valid, spec: FlashSpec):
         None if q_seg is None else pl.BlockSpec((None, bq), lambda i, b, n: (b, i)),
         None if kv_seg is None else pl.BlockSpec((None, Sp), lambda i, b, n: (b, 0)),
         None if kv_valid is None else pl.BlockSpec((None, Sp), lambda i, b, n: (b, 0)),
+        _flex_specs(flex, flex.tables, rows_outer=True, block=bq, Tp=Tp, Sp=Sp),
     ]
     out_specs = [
         pl.BlockSpec((None, bq, None, Hp), lambda i, b, n: (b, i, n, 0)),
@@ -271,82 +440,112 @@ def _forward(q, k, v, q_seg, kv_seg, kv_valid, spec: FlashSpec):
         functools.partial(_forward_kernel, spec=spec),
         grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=_compiler_params(spec), interpret=spec.interpret, name="jattn_flash_forward",
-    )(q, k, v, q_seg, kv_seg, kv_valid)
+    )(q, k, v, q_seg, kv_seg, kv_valid, flex)
 
 
 # ---------------------------------------------------------------- backward
 
 
-def _probabilities(spec, q, k, lse, rows, cols, q_seg, kv_seg, kv_valid, band):
-    """``p [bq, bk]`` recomputed from the saved lse₂ (+inf on empty rows, so p = 0
-    there), and the soft-cap's tanh (or None)."""
-    s, t = _masked_scores(spec, q, k, rows, cols, q_seg, kv_seg, kv_valid, band)
-    return jnp.exp2(s - lse[:, None]), t
+def _tile_backward(spec: FlashSpec, prog: _Program, q, k, v, do, lse, delta, bias, rows, cols, mask,
+                   diff_score_values=None):
+    """One tile's backward from its inputs: ``(dS_raw [bq, bk], p_used [bq, bk],
+    d score-modifier args)``.
 
+    ``dS_raw`` is the gradient with respect to the raw scores ``scale·q·kᵀ + bias``
+    (so also the bias gradient): the softmax backward ``p∘(dP - δ)``, pulled back
+    through the score modifier by `jax.vjp`; ``p_used`` the weights after dropout
+    (for dV).  ``diff_score_values``: the float arguments of the modifier to
+    differentiate (None: none wanted)."""
+    score_values = list(prog.score_values)
+    diff_positions = [] if diff_score_values is None else [
+        n for n, d in enumerate(spec.score_fn.diff_args) if d]
 
-def _score_grad(spec, p, dp, delta, t):
-    """dL/d(raw scaled score) ``[bq, bk]`` float32: softmax backward, then the soft-cap's
-    derivative ``1 - tanh²``.  The caller multiplies by ``scale`` via its operands."""
+    def modified(raw, diff_values):
+        values = list(score_values)
+        for n, value in zip(diff_positions, diff_values):
+            values[n] = value
+        return _modify(spec, raw, prog.head, rows, cols, values)
+
+    raw = _raw_scores(spec, q, k, bias)
+    s, pullback = jax.vjp(modified, raw, list(diff_score_values or []))
+    # Empty rows carry lse₂ = +inf, so their p is exactly 0.
+    p = jnp.exp2(_masked(s * LOG2_E, mask) - lse[:, None])
+    keep = _keep(spec, prog, rows, cols)
+    dp = _dropped(pl_triton.dot(do, v, trans_b=True), keep, spec.rate)
     ds = p * (dp - delta[:, None])
-    if t is not None:
-        ds = ds * (1.0 - t * t)
-    return ds
+    ds_raw, d_values = pullback(ds)
+    return ds_raw, _dropped(p, keep, spec.rate), d_values
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, kv_valid_ref, dq_ref, *, spec):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, kv_valid_ref, flex,
+               dq_ref, dbias_ref, d_score_refs, *, spec):
     bq, bk = spec.tiles.block_q_dq, spec.tiles.block_kv_dq
     i = pl.program_id(0)
     num_kv_blocks = k_ref.shape[0] // bk
-    rows = i * bq + jnp.arange(bq)
+    rows = i * bq + jnp.arange(bq, dtype=jnp.int32)
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     q_seg = _load(q_seg_ref)
+    prog = _program(flex)
+    # The differentiated arguments enter the tile's vjp as loaded values.
+    diff_values = [r[...] for r, d in zip(prog.score_values, spec.score_fn.diff_args) if d] if d_score_refs else None
+    if dbias_ref is not None:  # tiles never visited stay 0 (zeroed a tile at a time: Triton's sizes)
+        def zero(j, _):
+            dbias_ref[:, pl.ds(pl.multiple_of(j * bk, bk), bk)] = jnp.zeros((bq, bk), dbias_ref.dtype)
+        lax.fori_loop(0, num_kv_blocks, zero, None)
 
-    def step(j, dq, band):
+    def step(j, carry, band):
+        dq, d_score = carry
         start = pl.multiple_of(j * bk, bk)
         kv_slice = pl.ds(start, bk)
+        cols = start + jnp.arange(bk, dtype=jnp.int32)
         k, v = k_ref[kv_slice, :], v_ref[kv_slice, :]
-        p, t = _probabilities(spec, q, k, lse, rows, start + jnp.arange(bk), q_seg,
-                              _load(kv_seg_ref, kv_slice), _load(kv_valid_ref, kv_slice), band)
-        dp = pl_triton.dot(do, v, trans_b=True)
-        ds = _score_grad(spec, p, dp, delta, t)
-        return dq + pl_triton.dot(ds.astype(k.dtype), k)
+        mask = _allowed(spec, prog, rows, cols, q_seg, _load(kv_seg_ref, kv_slice), _load(kv_valid_ref, kv_slice), band)
+        ds, _, d_values = _tile_backward(spec, prog, q, k, v, do, lse, delta, _load(flex.bias, (slice(None), kv_slice)),
+                                         rows, cols, mask, diff_values)
+        if dbias_ref is not None:
+            dbias_ref[:, kv_slice] = ds
+        d_score = [a + b.astype(jnp.float32) for a, b in zip(d_score, d_values)]
+        return dq + pl_triton.dot(ds.astype(k.dtype), k), d_score
 
-    dq = _visit_blocks(kv_block_range(spec, i, bq, bk, num_kv_blocks), step, jnp.zeros(q.shape, jnp.float32))
+    carry = (jnp.zeros(q.shape, jnp.float32), [jnp.zeros(r.shape, jnp.float32) for r in d_score_refs])
+    dq, d_score = _visit(flex, kv_block_range(spec, i, bq, bk, num_kv_blocks), step, carry)
     dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
+    for ref, value in zip(d_score_refs, d_score):
+        ref[...] = value
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, kv_valid_ref,
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, kv_valid_ref, flex,
                 dk_ref, dv_ref, *, spec):
     bq, bk = spec.tiles.block_q_dkv, spec.tiles.block_kv_dkv
     j = pl.program_id(0)
     num_q_blocks = q_ref.shape[0] // bq
     start = j * bk
-    cols = start + jnp.arange(bk)
+    cols = start + jnp.arange(bk, dtype=jnp.int32)
     k, v = k_ref[...], v_ref[...]
     kv_seg, kv_valid = _load(kv_seg_ref), _load(kv_valid_ref)
+    prog = _program(flex)
 
     def step(i, carry, band):
         dk, dv = carry
         q_start = pl.multiple_of(i * bq, bq)
         q_slice = pl.ds(q_start, bq)
+        rows = q_start + jnp.arange(bq, dtype=jnp.int32)
         q, do = q_ref[q_slice, :], do_ref[q_slice, :]
-        p, t = _probabilities(
-            spec, q, k, lse_ref[q_slice], q_start + jnp.arange(bq), cols,
-            _load(q_seg_ref, q_slice), kv_seg, kv_valid, band,
-        )
+        mask = _allowed(spec, prog, rows, cols, _load(q_seg_ref, q_slice), kv_seg, kv_valid, band)
+        ds, p, _ = _tile_backward(spec, prog, q, k, v, do, lse_ref[q_slice], delta_ref[q_slice],
+                                  _load(flex.bias, (q_slice, slice(None))), rows, cols, mask)
         dv = dv + pl_triton.dot(p.astype(do.dtype), do, trans_a=True)
-        dp = pl_triton.dot(do, v, trans_b=True)
-        ds = _score_grad(spec, p, dp, delta_ref[q_slice], t)
         dk = dk + pl_triton.dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    dk, dv = _visit_blocks(q_block_range(spec, j, bq, bk, num_q_blocks), step, carry)
+    dk, dv = _visit(flex, q_block_range(spec, j, bq, bk, num_q_blocks), step, carry)
     dk_ref[...] = dk * spec.scale
     dv_ref[...] = dv
 
 
-def _backward(q, k, v, q_seg, kv_seg, kv_valid, out, lse2, d_out, spec: FlashSpec):
+def _backward(q, k, v, q_seg, kv_seg, kv_valid, flex: Flex, out, lse2, d_out, spec: FlashSpec):
+    """``(dq, dk, dv, dbias [1|B, 1|N, Tp, Sp] | None, d score args)``."""
     B, Tp, N, Hp = q.shape
     Sp, K = k.shape[1], k.shape[2]
     G = N // K
@@ -356,9 +555,21 @@ def _backward(q, k, v, q_seg, kv_seg, kv_valid, out, lse2, d_out, spec: FlashSpe
     params = _compiler_params(spec)
 
     bq, bk = spec.tiles.block_q_dq, spec.tiles.block_kv_dq
-    dq = pl.pallas_call(
+    nq = Tp // bq
+    dq_flex = _for_kernel(flex, 1)
+    diff_args = [] if spec.score_fn is None else [
+        a for a, d in zip(flex.score_args, spec.score_fn.diff_args) if d]
+    # Per (q block, example, head) partial gradients of the modifier's float arguments.
+    d_score_shapes = [jax.ShapeDtypeStruct((nq, B, N) + a.shape[1:], jnp.float32) for a in diff_args]
+    d_score_specs = [pl.BlockSpec((None, None, None) + a.shape[1:],
+                                  lambda i, b, n, r=len(a.shape) - 1: (i, b, n) + (0,) * r) for a in diff_args]
+    dbias_shape = dbias_spec = None
+    if flex.bias is not None:
+        dbias_shape = jax.ShapeDtypeStruct((B, N, Tp, Sp), jnp.float32)
+        dbias_spec = pl.BlockSpec((None, None, bq, Sp), lambda i, b, n: (b, n, i, 0))
+    dq, dbias, d_score = pl.pallas_call(
         functools.partial(_dq_kernel, spec=spec),
-        grid=(Tp // bq, B, N),
+        grid=(nq, B, N),
         in_specs=[
             pl.BlockSpec((None, bq, None, Hp), lambda i, b, n: (b, i, n, 0)),
             pl.BlockSpec((None, Sp, None, Hp), lambda i, b, n: (b, 0, n // G, 0)),
@@ -369,13 +580,15 @@ def _backward(q, k, v, q_seg, kv_seg, kv_valid, out, lse2, d_out, spec: FlashSpe
             None if q_seg is None else pl.BlockSpec((None, bq), lambda i, b, n: (b, i)),
             None if kv_seg is None else pl.BlockSpec((None, Sp), lambda i, b, n: (b, 0)),
             None if kv_valid is None else pl.BlockSpec((None, Sp), lambda i, b, n: (b, 0)),
+            _flex_specs(dq_flex, dq_flex.tables, rows_outer=True, block=bq, Tp=Tp, Sp=Sp),
         ],
-        out_specs=pl.BlockSpec((None, bq, None, Hp), lambda i, b, n: (b, i, n, 0)),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_specs=(pl.BlockSpec((None, bq, None, Hp), lambda i, b, n: (b, i, n, 0)), dbias_spec, d_score_specs),
+        out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), dbias_shape, d_score_shapes),
         compiler_params=params, interpret=spec.interpret, name="jattn_flash_dq",
-    )(q, k, v, d_out, lse2, delta, q_seg, kv_seg, kv_valid)
+    )(q, k, v, d_out, lse2, delta, q_seg, kv_seg, kv_valid, dq_flex)
 
     bq, bk = spec.tiles.block_q_dkv, spec.tiles.block_kv_dkv
+    dkv_flex = _for_kernel(flex, 2)
     # One program per (kv block, query head): a kv head's gradient is the sum over its
     # G query heads, taken afterwards so no two programs write the same block.
     dk_heads, dv_heads = pl.pallas_call(
@@ -391,6 +604,7 @@ def _backward(q, k, v, q_seg, kv_seg, kv_valid, out, lse2, d_out, spec: FlashSpe
             None if q_seg is None else pl.BlockSpec((None, Tp), lambda j, b, n: (b, 0)),
             None if kv_seg is None else pl.BlockSpec((None, bk), lambda j, b, n: (b, j)),
             None if kv_valid is None else pl.BlockSpec((None, bk), lambda j, b, n: (b, j)),
+            _flex_specs(dkv_flex, dkv_flex.tables, rows_outer=False, block=bk, Tp=Tp, Sp=Sp),
         ],
         out_specs=[
             pl.BlockSpec((None, bk, None, Hp), lambda j, b, n: (b, j, n, 0)),
@@ -398,17 +612,35 @@ def _backward(q, k, v, q_seg, kv_seg, kv_valid, out, lse2, d_out, spec: FlashSpe
         ],
         out_shape=[jax.ShapeDtypeStruct((B, Sp, N, Hp), jnp.float32)] * 2,
         compiler_params=params, interpret=spec.interpret, name="jattn_flash_dkv",
-    )(q, k, v, d_out, lse2, delta, q_seg, kv_seg, kv_valid)
+    )(q, k, v, d_out, lse2, delta, q_seg, kv_seg, kv_valid, dkv_flex)
     dk = dk_heads.reshape(B, Sp, K, G, Hp).sum(axis=3).astype(k.dtype)
     dv = dv_heads.reshape(B, Sp, K, G, Hp).sum(axis=3).astype(v.dtype)
-    return dq, dk, dv
+    if dbias is not None:
+        Bb, Nb = flex.bias.shape[:2]
+        dbias = dbias.sum(axis=tuple(a for a, size in ((0, Bb), (1, Nb)) if size == 1), keepdims=True)
+    # Sum the partial gradients over q blocks and heads (and examples for shared args).
+    d_score = [d.sum(axis=(0, 1, 2))[None] if a.shape[0] == 1 else d.sum(axis=(0, 2))
+               for d, a in zip(d_score, diff_args)]
+    return dq, dk, dv, dbias, d_score
+
+
+def _flex_cotangent(flex: Flex, spec: FlashSpec, dbias, d_score) -> Flex:
+    """The cotangent of ``flex``: the bias and the score modifier's float arguments;
+    None (zero) for masks, seeds and tables."""
+    score_grads = None
+    if spec.score_fn is not None:
+        grads = iter(d_score)
+        score_grads = tuple(next(grads).astype(a.dtype) if d else None
+                            for a, d in zip(flex.score_args, spec.score_fn.diff_args))
+    bias = None if dbias is None else dbias.astype(flex.bias.dtype)
+    return Flex(bias=bias, mask_args=None, score_args=score_grads, seeds=None, tables=None)
 
 
 # ---------------------------------------------------------------- the differentiable op
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def flash_attention(q, k, v, q_seg, kv_seg, kv_valid, spec: FlashSpec):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def flash_attention(q, k, v, q_seg, kv_seg, kv_valid, flex: Flex, spec: FlashSpec):
     """Fused attention on padded inputs.
 
     Args:
@@ -417,11 +649,13 @@ def flash_attention(q, k, v, q_seg, kv_seg, kv_valid, spec: FlashSpec):
         power of two >= 16.
       q_seg, kv_seg: int32 ``[B, Tp]`` / ``[B, Sp]`` segment ids, or both None.
       kv_valid: int32 ``[B, Sp]``, nonzero where a key may be attended, or None.
+      flex: a `Flex` (``Flex()``: none of bias, flex functions, dropout, visit lists).
       spec: a `FlashSpec`.
 
     Returns:
       ``(out [B, Tp, N, Hp], lse [B, N, Tp])``: lse is natural-log, -inf on rows
-      with no visible key (whose output is 0).  Only ``out`` is differentiated.
+      with no visible key (whose output is 0).  Only ``out`` is differentiated, with
+      respect to q, k, v, the bias and the score modifier's float arguments.
 
     Example:
       >>> import jax.numpy as jnp
@@ -429,24 +663,25 @@ def flash_attention(q, k, v, q_seg, kv_seg, kv_valid, spec: FlashSpec):
       >>> spec = FlashSpec(scale=0.25, offset=0, left=None, right=0, softcap=None,
       ...                  seq_q=32, seq_kv=32, tiles=Tiles(16, 16, 16, 16, 16, 16),
       ...                  interpret=True)
-      >>> out, lse = flash_attention(q, kv, kv, None, None, None, spec)
+      >>> out, lse = flash_attention(q, kv, kv, None, None, None, Flex(), spec)
       >>> out.shape, lse.shape
       ((1, 32, 2, 16), (1, 2, 32))
     """
-    out, lse2 = _forward(q, k, v, q_seg, kv_seg, kv_valid, spec)
+    out, lse2 = _forward(q, k, v, q_seg, kv_seg, kv_valid, flex, spec)
     return out, lse2 * LN_2
 
 
-def _flash_fwd(q, k, v, q_seg, kv_seg, kv_valid, spec):
-    out, lse2 = _forward(q, k, v, q_seg, kv_seg, kv_valid, spec)
-    return (out, lse2 * LN_2), (q, k, v, q_seg, kv_seg, kv_valid, out, lse2)
+def _flash_fwd(q, k, v, q_seg, kv_seg, kv_valid, flex, spec):
+    out, lse2 = _forward(q, k, v, q_seg, kv_seg, kv_valid, flex, spec)
+    return (out, lse2 * LN_2), (q, k, v, q_seg, kv_seg, kv_valid, flex, out, lse2)
 
 
 def _flash_bwd(spec, residuals, cotangents):
-    q, k, v, q_seg, kv_seg, kv_valid, out, lse2 = residuals
+    q, k, v, q_seg, kv_seg, kv_valid, flex, out, lse2 = residuals
     d_out, _ = cotangents  # the lse is returned without a gradient, as jax.nn does
-    dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, kv_valid, out, lse2, d_out.astype(q.dtype), spec)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv, dbias, d_score = _backward(q, k, v, q_seg, kv_seg, kv_valid, flex, out, lse2,
+                                           d_out.astype(q.dtype), spec)
+    return dq, dk, dv, None, None, None, _flex_cotangent(flex, spec, dbias, d_score)
 
 
 flash_attention.defvjp(_flash_fwd, _flash_bwd)
