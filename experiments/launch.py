@@ -10,14 +10,16 @@ starts ``python -m experiments.train <the arguments after -->`` N times, each wi
 the processes' collectives then go through gloo).  Process 0's output is passed
 through as it comes; the others' lines are prefixed ``[i]``.
 
-Failure: when a process ends with an error (or is killed), the others normally stop
-within a second on their own (JAX's coordination service sees the dead process's
-connection drop and terminates them; a process that hangs without dying is declared
-dead after the train command's ``--heartbeat-timeout``).  As a bound independent of
-that, the launcher gives them ``--grace`` seconds (default 10), then kills them, and
-exits with status 1 after saying which process failed first and how.  So a launch
-with a failed process ends at most ``grace`` + 0.1 s after the failure.  Ctrl-C (or
-SIGTERM) to the launcher is passed on to every process.
+Failure: when a process ends with an error or is killed, the others cannot go on
+(their collectives and barriers wait for it).  JAX's coordination service declares a
+process dead when its connection drops or after the train command's
+``--heartbeat-timeout`` (30 s) without a heartbeat, and then terminates the others
+(SIGABRT, "Terminating process because the JAX distributed service detected fatal
+errors").  As a bound independent of that, the launcher gives them ``--grace`` seconds
+(default 10) after the first failure, then kills them, and exits with status 1 after
+saying which process failed first and how: a launch with a failed process ends at
+most ``grace`` + 0.1 s after the failure.  Ctrl-C (or SIGTERM) to the launcher is
+passed on to every process.
 """
 
 from __future__ import annotations
