@@ -292,6 +292,7 @@ def test_dispatch_prefers_cudnn_then_pallas_on_gpu():
         (dict(dtype=jnp.float32), "float32"),
         (dict(mask=jnp.ones((1, 1, 64, 64), bool)), "boolean mask array"),
         (dict(is_causal=True, query_offset=jnp.array([3])), "query_offset"),
+        (dict(score_mod=lambda s, h, i, j: s + i.shape[0]), "cannot be traced for scalar indices"),  # not elementwise
         (dict(score_mod=jattn.score_mods.Bias(jnp.zeros((64, 64)) + jnp.float32(0))), None),
     ],
 )

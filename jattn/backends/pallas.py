@@ -71,9 +71,23 @@ def limits(call: AttentionCall, platform: str) -> str | None:
                 "dots round to TF32; chunked keeps float32 accuracy)")
     if s["Hv"] != s["H"] or s["H"] > MAX_HEAD_DIM:
         return f"needs equal query/value head dims of at most {MAX_HEAD_DIM}; got H={s['H']}, Hv={s['Hv']}"
+    return _flex_refusal(call)
+
+
+def _flex_refusal(call: AttentionCall) -> str | None:
+    """Why the kernels cannot take the call's mask / score functions, or None."""
+    s = call.shape
+    functions = [("mask", call.user_mask, True)]
     if call.user_score_mod is not None:
-        score_mod, axes = call.index_score_mod().batch_in_axes(s["B"], s["T"], s["S"])
-        if flex_tiles.looks_up_differentiable(flex_tiles.kernel_function(score_mod, axes, is_mask=False)[0]):
+        functions.append(("score_mod", call.index_score_mod(), False))
+    for name, fn, is_mask in functions:
+        if fn is None:
+            continue
+        try:
+            kernel_fn, _ = flex_tiles.kernel_function(*fn.batch_in_axes(s["B"], s["T"], s["S"]), is_mask=is_mask)
+        except Exception as e:  # the kernels trace it for scalar indices (elementwise by contract)
+            return f"its {name} cannot be traced for scalar indices ({type(e).__name__}: {str(e)[:200]})"
+        if not is_mask and flex_tiles.looks_up_differentiable(kernel_fn):
             return ("its score_mod reads elements of a float array it would differentiate (a learned "
                     "table or Bias leaf): that gradient is a scatter-add Triton cannot lower here "
                     "(pass a [.., T, S] bias as bias=, or a constant table)")
