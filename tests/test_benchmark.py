@@ -5,11 +5,11 @@ asserted: only that every case becomes a well-formed row and the files are writt
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,6 +17,8 @@ import pytest
 import yaml
 
 from experiments import benchmark
+from experiments.benchmark import __main__ as benchmark_cli
+from experiments.benchmark import messages, worker
 from experiments.benchmark import Case, load_config, parse_config
 from experiments.schema import ConfigError
 from tests.reference import reference_attention
@@ -230,28 +232,38 @@ def test_peer_functions_agree_with_the_reference(impl, causal):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """bench_smoke.yaml plus two cases that must be stopped: one by its timeout (no
-    process imports JAX in 0.05 s) and one by its memory limit (JAX alone needs more
-    than 50 MiB); and one that jattn refuses (its Triton kernels on a CPU)."""
+    """bench_smoke.yaml run through the command line's ``main`` in this process, plus
+    three cases: one that jattn refuses (its Triton kernels on a CPU), one stopped by
+    its memory limit (JAX alone needs more than 50 MiB) and one by its timeout (a case
+    takes three timed samples of at least 10 ms, `timing.MIN_SAMPLE_S`; a fresh
+    worker cannot even import JAX in 0.01 s).
+
+    Suite time: the cases run in one shared worker process (``worker: shared``) instead
+    of a fresh one each (the config's default, ``per_case``): the ~3 s of JAX start-up
+    per case was most of this test's minute.  Both watch a case alike (the runner's
+    ``_stop_reason`` and ``_collect``); the shared worker is started again after the
+    memory-limit kill, so the timeout case also stops a worker that is starting.
+    `test_a_worker_process_per_case` checks the per-case worker's command line, and
+    ``run_subprocess``'s doctest its timeout."""
     tmp = tmp_path_factory.mktemp("bench")
     with open(SMOKE) as f:
         raw = yaml.safe_load(f)
+    raw["worker"] = "shared"
     raw["grids"] += [
-        {"impls": ["jax_xla"], "T": [32], "causal": [False], "modes": ["fwd"], "timeout_s": 0.05},
-        {"impls": ["dense"], "T": [32], "causal": [False], "modes": ["fwd"], "memory_limit_gb": 0.05},
         {"impls": ["pallas"], "T": [32], "causal": [False], "modes": ["fwd"]},  # refused on a CPU
+        {"impls": ["dense"], "T": [32], "causal": [False], "modes": ["fwd"], "memory_limit_gb": 0.05},
+        {"impls": ["jax_xla"], "T": [32], "causal": [False], "modes": ["fwd"], "timeout_s": 0.01},
     ]
     config = tmp / "bench_smoke_plus.yaml"
     config.write_text(yaml.safe_dump(raw))
     out = tmp / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.benchmark", "--config", str(config), "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        rc = benchmark_cli.main(["--config", str(config), "--out", str(out)])
+    assert rc == 0, stderr.getvalue()[-3000:]
     with open(out / "results.json") as f:
         results = json.load(f)
-    return dict(proc=proc, out=out, results=results, cases=load_config(str(config)).cases())
+    return dict(stderr=stderr.getvalue(), out=out, results=results, cases=load_config(str(config)).cases())
 
 
 def test_smoke_json_has_one_well_formed_row_per_case(smoke):
@@ -289,6 +301,7 @@ def test_smoke_json_has_one_well_formed_row_per_case(smoke):
         assert skipped["status"] == "skipped" and "GPU" in skipped["error"]
     forced = by[("jax_cudnn", "fwd", 64, False)]
     assert forced["status"] == "error" and forced["error"]
+    assert res["config"]["worker"] == "shared"
     timed_out = by[("jax_xla", "fwd", 32, False)]
     assert timed_out["status"] == "timeout" and "timeout_s" in timed_out["error"]
     refused = by[("pallas", "fwd", 32, False)]
@@ -310,7 +323,7 @@ def test_smoke_markdown_table(smoke):
         statuses = [dict(zip(header, r))["status"] for r in body]
         assert statuses.count("ok") == sum(r["status"] == "ok" and r["mode"] == mode for r in smoke["results"]["cases"])
     assert "cuDNN attention needs an NVIDIA GPU" in md
-    assert "timed out after 0.05 s" in md
+    assert "timed out after 0.01 s" in md
 
 
 def test_smoke_plots_and_progress(smoke):
@@ -321,10 +334,24 @@ def test_smoke_plots_and_progress(smoke):
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         img = matplotlib.image.imread(path)
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400
-    progress = smoke["proc"].stderr
+    progress = smoke["stderr"]
     total = len(smoke["cases"]) + 1
     for i in range(1, total + 1):
         assert f"[{i}/{total}]" in progress
+
+
+def test_a_worker_process_per_case(capsys):
+    """The per-case worker's command line (``worker <kind> <JSON>``, the default
+    ``worker: per_case``), in this process: the environment probe and a case's row."""
+    assert worker.main(["matmul", json.dumps(dict(n=0, dtype="float32", repeats=1))]) == 0
+    probe = messages.parse(capsys.readouterr().out.encode())
+    assert probe["status"] == "ok" and probe["platform"] == jax.default_backend() and probe["jax_version"]
+    case = Case(impl="dense", mode="fwd+bwd", T=16, causal=True, B=1, N=2, K=1, H=8, repeats=2)
+    assert worker.main(["case", json.dumps(case.to_json_dict())]) == 0
+    row = messages.parse(capsys.readouterr().out.encode())
+    assert row["status"] == "ok" and len(row["times_ms"]) == 2 and row["backend"] == "dense", row
+    assert row["peak_mem_bytes"] > 0 and row["compile_s"] >= 0
+    assert worker.main(["case"]) == 2 and "usage" in capsys.readouterr().err
 
 
 BENCHMARK_MODULES = ["experiments.benchmark", *(f"experiments.benchmark.{m}" for m in (

@@ -24,6 +24,13 @@ Top-level keys (defaults in brackets):
 - ``block_sizes`` [null]: ``[block_q, block_kv]`` passed to jattn.
 - ``platform`` [null: JAX's default]: ``cpu``, ``gpu`` or ``tpu`` for the cases.
 - ``seed`` [0], ``out_dir`` [null: ``runs/bench/<name>``].
+- ``worker`` [``per_case``]: ``per_case`` runs every case in a fresh process (its peak
+  memory its own); ``shared`` runs them one after another in one worker process
+  (restarted after a case that had to be stopped), which saves the seconds of JAX
+  start-up per case but measures each case's memory in a process that ran the ones
+  before it (peak RSS reset per case where Linux allows; the memory limit applies to
+  the whole worker): for pipeline checks (the test suite's smoke run), not for
+  memory figures.
 - ``grids``: a list of mappings with ``impls`` (list of `IMPLS` names: the peers and
   jattn's registered backends), ``T`` (int or list), ``modes`` [``[fwd, fwd+bwd]``],
   ``causal`` [``[true]``], optionally any of the per-case keys above (B, N, K, H,
@@ -158,6 +165,7 @@ class BenchConfig(CaseKeys):
     ceiling_repeats: PositiveInt = 5
     platform: Literal[PLATFORMS] | None = None
     out_dir: str | None = None
+    worker: Literal["per_case", "shared"] = "per_case"
     grids: Annotated[list[Grid], Field(min_length=1)]
 
     @model_validator(mode="after")

@@ -1,5 +1,6 @@
-"""What the runner and a worker process say to each other: the worker's command line
-and the one stdout line that carries its result (JSON after `RESULT_MARK`).
+"""What the runner and a worker process say to each other: the worker's command line,
+the request lines a shared worker reads (`request`) and the one stdout line that
+carries each result (JSON after `RESULT_MARK`).
 
 Example:
   >>> import io
@@ -23,6 +24,21 @@ def worker_command(kind: str, spec: dict) -> list[str]:
     """``python -m experiments.benchmark.worker <kind> <spec as JSON>``; ``kind`` is
     ``case`` (a `Case`) or ``matmul`` (the ceiling)."""
     return [sys.executable, "-m", WORKER_MODULE, kind, json.dumps(spec)]
+
+
+def serve_command() -> list[str]:
+    """``python -m experiments.benchmark.worker serve``: one worker for many requests."""
+    return [sys.executable, "-m", WORKER_MODULE, "serve"]
+
+
+def request(kind: str, spec: dict) -> str:
+    """The line that asks a shared worker for one ``case`` or ``matmul``.
+
+    Example:
+      >>> request("matmul", {"n": 0})
+      '{"kind": "matmul", "spec": {"n": 0}}\\n'
+    """
+    return json.dumps({"kind": kind, "spec": spec}) + "\n"
 
 
 def emit(result: dict, stream=None) -> None:

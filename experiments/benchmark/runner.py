@@ -1,5 +1,9 @@
 """The runner: every case of a config in its own worker process, watched for time and
-memory, its results written as they come.
+memory, its results written as they come.  With the config's ``worker: shared`` one
+long-lived worker (`SharedWorker`) serves the cases one after another instead,
+watched the same way and started afresh after a case that had to be stopped: no
+JAX start-up per case, but a case's memory is then measured in a process that has
+run the cases before it.
 
 A case that raises, runs out of memory, passes its ``memory_limit_gb``, dies or
 outlasts its ``timeout_s`` becomes a row that says so.  ``results.json`` is rewritten
@@ -12,10 +16,12 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import queue
 import platform as platform_lib
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -106,32 +112,131 @@ def run_subprocess(kind: str, spec: dict, *, timeout_s: float, memory_limit_gb: 
 
 def _watch(proc, ps, t0: float, timeout_s: float, limit: float | None, memory_limit_gb: float | None):
     """Poll the case's process until it exits or must be stopped; ``(stop, peak RSS)``."""
-    import psutil
-
     stop: tuple[str, str] | None = None
     watched_peak = 0
     while proc.poll() is None:
-        elapsed = time.monotonic() - t0
-        rss = 0
-        if ps is not None:
-            try:
-                rss = ps.memory_info().rss
-            except psutil.Error:
-                rss = 0
+        stop, rss = _stop_reason(ps, time.monotonic() - t0, timeout_s, limit, memory_limit_gb)
         watched_peak = max(watched_peak, rss)
-        if elapsed > timeout_s:
-            stop = ("timeout", f"timed out after {timeout_s:g} s (timeout_s)")
-        elif limit is not None and rss > limit:
-            stop = ("killed", f"resident memory {rss / 2**30:.2f} GiB passed memory_limit_gb={memory_limit_gb:g}")
-        elif psutil.virtual_memory().available < MIN_AVAILABLE_BYTES:
-            stop = ("killed", f"stopped at {rss / 2**30:.2f} GiB: the machine had under "
-                    f"{MIN_AVAILABLE_BYTES // 2**20} MiB available")
         if stop:
             proc.kill()
             proc.wait()
             break
         time.sleep(_POLL_S)
     return stop, watched_peak
+
+
+def _stop_reason(ps, elapsed: float, timeout_s: float, limit: float | None,
+                 memory_limit_gb: float | None) -> tuple[tuple[str, str] | None, int]:
+    """``((status, why) or None, the process's RSS now)``: whether to stop a case now."""
+    import psutil
+
+    rss = 0
+    if ps is not None:
+        try:
+            rss = ps.memory_info().rss
+        except psutil.Error:
+            rss = 0
+    stop = None
+    if elapsed > timeout_s:
+        stop = ("timeout", f"timed out after {timeout_s:g} s (timeout_s)")
+    elif limit is not None and rss > limit:
+        stop = ("killed", f"resident memory {rss / 2**30:.2f} GiB passed memory_limit_gb={memory_limit_gb:g}")
+    elif psutil.virtual_memory().available < MIN_AVAILABLE_BYTES:
+        stop = ("killed", f"stopped at {rss / 2**30:.2f} GiB: the machine had under "
+                f"{MIN_AVAILABLE_BYTES // 2**20} MiB available")
+    return stop, rss
+
+
+class SharedWorker:
+    """One worker process (``python -m experiments.benchmark.worker serve``) that runs
+    request after request, each watched like a case's own process (`run_subprocess`):
+    its time counts from the request, or from the start of the process when this
+    request started it; its memory is the worker's RSS.  A request that must be
+    stopped kills the worker, and the next request starts a new one.  Use as a
+    context manager (or call `close`).
+
+    Example:
+      >>> with SharedWorker(dict(os.environ)) as w:
+      ...     w.run("matmul", dict(n=0, dtype="float32", repeats=1), timeout_s=0.01,
+      ...           memory_limit_gb=None)["status"]
+      'timeout'
+    """
+
+    def __init__(self, env: dict):
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> SharedWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        import psutil
+
+        self.err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(messages.serve_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.err, env=self.env, cwd=_REPO_ROOT)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=_read_lines, args=(self.proc.stdout, self.lines), daemon=True).start()
+        try:
+            self.ps = psutil.Process(self.proc.pid)
+        except psutil.Error:
+            self.ps = None
+
+    def run(self, kind: str, spec: dict, *, timeout_s: float, memory_limit_gb: float | None) -> dict:
+        """The request's result, or a failure record as `run_subprocess` gives."""
+        t0 = time.monotonic()
+        if self.proc is None:
+            self._start()
+        proc, err_from = self.proc, os.fstat(self.err.fileno()).st_size
+        limit = None if memory_limit_gb is None else memory_limit_gb * 2**30
+        stop, watched_peak, printed, result = None, 0, [], None
+        try:
+            proc.stdin.write(messages.request(kind, spec).encode())
+            proc.stdin.flush()
+        except OSError:  # it died before reading the request; its end is read below
+            pass
+        while result is None:
+            stop, rss = _stop_reason(self.ps, time.monotonic() - t0, timeout_s, limit, memory_limit_gb)
+            watched_peak = max(watched_peak, rss)
+            if stop:
+                break
+            try:  # wake at the timeout, not a poll later
+                line = self.lines.get(timeout=min(_POLL_S, max(timeout_s - (time.monotonic() - t0), 0) + 1e-3))
+            except queue.Empty:
+                continue
+            if line is None:  # stdout closed: the worker died
+                break
+            printed.append(line)
+            result = messages.parse(line)
+        if result is None:  # stopped or died: this worker serves no more requests
+            self.close(kill=True)
+        self.err.seek(err_from)
+        stderr = self.err.read()
+        return _collect(proc.returncode, b"".join(printed), stderr, stop, time.monotonic() - t0, watched_peak)
+
+    def close(self, kill: bool = False) -> None:
+        """Stop the worker (at once with ``kill``; else once it has read its input)."""
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        if kill:
+            proc.kill()
+        else:
+            try:
+                proc.stdin.close()
+                proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                proc.kill()
+        proc.wait()
+
+
+def _read_lines(stream, lines: queue.Queue) -> None:
+    for line in iter(stream.readline, b""):
+        lines.put(line)
+    lines.put(None)
 
 
 def _collect(rc: int, stdout: bytes, stderr: bytes, stop, wall_s: float, watched_peak: int) -> dict:
@@ -258,13 +363,18 @@ def run_benchmark(
         config_text=config_text, ceiling=None, cases=[],
     )
     progress = _Progress(len(cases) + 1, quiet)
+    shared = SharedWorker(env) if cfg.worker == "shared" else None
+
+    def run_in_worker(kind: str, spec: dict, **limits) -> dict:
+        return shared.run(kind, spec, **limits) if shared else run_subprocess(kind, spec, env=env, **limits)
+
     try:
         # The ceiling first: it also reports the platform, device and versions.
         label = f"matmul ceiling {cfg.ceiling_n}² {cfg.dtype}" if cfg.ceiling_n else "environment probe"
         progress.start(1, len(cases) + 1, label)
-        probe = run_subprocess(
+        probe = run_in_worker(
             "matmul", dict(n=cfg.ceiling_n, dtype=cfg.dtype, repeats=cfg.ceiling_repeats),
-            timeout_s=max(cfg.timeout_s, 120.0), memory_limit_gb=cfg.memory_limit_gb, env=env,
+            timeout_s=max(cfg.timeout_s, 120.0), memory_limit_gb=cfg.memory_limit_gb,
         )
         payload["ceiling"] = probe
         for key in ("platform", "device_kind", "device_count", "jax_version", "jaxlib_version",
@@ -291,8 +401,8 @@ def run_benchmark(
             if skip is not None:
                 rec.update(status="skipped", error=skip)
             else:
-                rec.update(run_subprocess("case", case.to_json_dict(), timeout_s=case.timeout_s,
-                                          memory_limit_gb=case.memory_limit_gb, env=env))
+                rec.update(run_in_worker("case", case.to_json_dict(), timeout_s=case.timeout_s,
+                                         memory_limit_gb=case.memory_limit_gb))
                 if rec.get("peak_mem_bytes") is None and platform != "gpu" and rec.get("watched_peak_rss_bytes"):
                     # Stopped from outside: the RSS it had reached (a lower bound).
                     rec.update(peak_mem_bytes=rec["watched_peak_rss_bytes"], mem_kind="RSS when stopped")
@@ -302,6 +412,8 @@ def run_benchmark(
             _write_json(json_path, payload)
             progress.done(i, len(cases) + 1, case.label, _summary(rec, xla_ms))
     finally:
+        if shared:
+            shared.close(kill=True)
         progress.close()
     payload["cases"] = derive(payload["cases"], ceiling_rate)
     payload["complete"] = True

@@ -3,9 +3,15 @@ written as one line on stdout (`experiments.benchmark.messages`).
 
     python -m experiments.benchmark.worker case '<Case as JSON>'
     python -m experiments.benchmark.worker matmul '{"n": 2048, "dtype": "float32", "repeats": 5}'
+    python -m experiments.benchmark.worker serve      # requests on stdin, one a line
 
 The runner starts one per case so that each case's peak memory is its own: peak RSS
-(``ru_maxrss``) on CPU, the device's ``peak_bytes_in_use`` on a GPU.  Timing: the
+(``ru_maxrss``) on CPU, the device's ``peak_bytes_in_use`` on a GPU.  With the
+config's ``worker: shared`` it starts one ``serve`` worker instead, which runs
+request after request (`messages.request`: ``{"kind": ..., "spec": ...}``) and
+answers each with its result line; before each it resets the process's peak RSS
+where Linux allows it (``/proc/self/clear_refs``), else the peak is the worker's
+so far and ``mem_kind`` says so.  Timing: the
 function is jitted and compiled ahead (compile time reported apart), then timed by
 `experiments.benchmark.timing.time_calls`.  Forward+backward is the gradient of
 ``sum(out * cotangent)`` with respect to q, k and v.  A jattn backend that refuses
@@ -163,16 +169,45 @@ def run_matmul(n: int, dtype: str, repeats: int, warmups: int = 1) -> dict:
     return res
 
 
+def run_request(kind: str, spec: dict) -> dict:
+    """A ``case`` (a `Case` as JSON) or a ``matmul`` (``n``, ``dtype``, ``repeats``)."""
+    if kind == "case":
+        return run_case(Case.from_json_dict(spec))
+    return run_matmul(int(spec["n"]), spec["dtype"], int(spec["repeats"]))
+
+
+def _reset_peak_rss() -> bool:
+    """Start this process's peak RSS (``ru_maxrss``, VmHWM) afresh: Linux only."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def serve(requests=None) -> int:
+    """Answer request lines (default: stdin) until they end: each with its result line."""
+    for line in sys.stdin if requests is None else requests:
+        if not line.strip():
+            continue
+        request = json.loads(line)
+        reset = _reset_peak_rss()
+        res = run_request(request["kind"], request["spec"])
+        if not reset and res.get("mem_kind") == "peak RSS":
+            res["mem_kind"] = "peak RSS of the shared worker so far"
+        messages.emit(res)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args == ["serve"]:
+        return serve()
     if len(args) != 2 or args[0] not in ("case", "matmul"):
-        print("usage: python -m experiments.benchmark.worker {case|matmul} JSON", file=sys.stderr)
+        print("usage: python -m experiments.benchmark.worker {case|matmul} JSON | serve", file=sys.stderr)
         return 2
-    spec = json.loads(args[1])
-    if args[0] == "case":
-        res = run_case(Case.from_json_dict(spec))
-    else:
-        res = run_matmul(int(spec["n"]), spec["dtype"], int(spec["repeats"]))
+    res = run_request(args[0], json.loads(args[1]))
     messages.emit(res)
     return 0 if res.get("status") in ("ok", "skipped") else 1
 
