@@ -129,6 +129,7 @@ def choose(call: AttentionCall, platform: str) -> Explanation:
 
 def _with_layout(chosen: str, reason: str, call: AttentionCall) -> str:
     """``reason``, and for a per-device backend on sharded inputs, how it is split."""
-    if not getattr(BACKENDS[chosen], "per_device", False) or (layout := per_device.plan(call)) is None:
+    backend = BACKENDS[chosen]
+    if not getattr(backend, "per_device", False) or (layout := per_device.plan(call, backend.supports)) is None:
         return reason
     return f"{reason}; runs per device in jax.shard_map ({layout.describe()})"

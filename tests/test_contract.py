@@ -138,7 +138,19 @@ def test_per_device_knows_every_field_that_holds_arrays():
                      query_offset=jnp.array([0, 1]), query_seq_lengths=lengths, key_value_seq_lengths=lengths,
                      query_segment_ids=ids, score_mod=score_mods.ALiBi(num_heads=2, offset=jnp.array([0, 1])),
                      dropout_rate=0.1, dropout_rng=jax.random.key(0))
+    call = dataclasses.replace(call, dropout_origin=(jnp.int32(1), 0, 0, 0))  # set by jattn for a block / slice
     holding = {f.name for f in dataclasses.fields(call) if per_device._arrays_in(getattr(call, f.name))}
     dense_mask = make_call(q, q, q, None, jnp.ones((6, 6), bool)).dense_mask
     assert holding | {"dense_mask"} == set(per_device.KNOWN_ARRAY_FIELDS) and dense_mask is not None
     assert per_device.plan(call) is None  # one device: nothing split, the backend runs as it is
+
+
+def test_pallas_dropout_origin_moves_examples_and_heads_only():
+    """A per-device slice moves the dropout hash's example and head; the kernels hash
+    rows and keys from 0, so a row / key origin is refused."""
+    q = jnp.ones((1, 64, 2, 64), jnp.bfloat16)
+    call = make_call(q, q, q, dropout_rate=0.1, dropout_rng=jax.random.key(0))
+    pallas = registry.BACKENDS["pallas"]
+    assert contract.refusal(pallas, dataclasses.replace(call, dropout_origin=(2, 4, 0, 0)), "gpu") is None
+    why = contract.refusal(pallas, dataclasses.replace(call, dropout_origin=(0, 0, 64, 0)), "gpu")
+    assert "row or key offset" in why, why

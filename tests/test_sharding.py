@@ -7,12 +7,14 @@ check and prints a line per check; the tests below read those lines.
 - dense and chunked partition through their vmaps: sharded == unsharded;
 - the per-device backends (`jattn.backends.per_device`): the Pallas kernels, through
   the Pallas interpreter, run in jax.shard_map on each device's slice: outputs, lse
-  and gradients equal to the unsharded call, and the compiled program gathers nothing;
+  and gradients equal to the unsharded call (dropout's pattern too), and the compiled
+  program gathers nothing;
   splash's kernels likewise (against unsharded dense);
 - every kind of operand is sliced alike (bias, mask arrays, lengths, array offsets,
   mask / score-mod leaves with a batch axis) and dropout draws the unsharded pattern:
   dense declared per-device for the test, against plain dense;
-- what the per-device path refuses (a score_mod with heads split, a sharded
+- what the per-device path refuses (a score_mod with heads split, dropout where the
+  backend cannot draw at global indices, a sharded
   sequence, heads that do not split by whole GQA groups, key/value split unlike the
   query), and what explain says for the GPU (cuDNN, Pallas) and TPU (splash).
 """
@@ -76,7 +78,7 @@ SCRIPT = textwrap.dedent(
     interpreted = dataclasses.replace(dispatch.BACKENDS["pallas"], limits=lambda call, platform: None,
                                       run=lambda call, platform: pallas.run(call, "cpu", tiles=tiles))
     kwargs = dict(is_causal=True, query_segment_ids=seg, key_value_seq_lengths=jnp.array([16, 9, 3, 12]),
-                  logits_soft_cap=5.0, return_residual=True)
+                  logits_soft_cap=5.0, return_residual=True, dropout_rate=0.2, dropout_rng=jax.random.key(4))
     with mock.patch.dict(dispatch.BACKENDS, {"pallas": interpreted}):
         want = value_and_grads("pallas", kwargs)(q, k, v)
         with jax.set_mesh(mesh):
@@ -88,7 +90,7 @@ SCRIPT = textwrap.dedent(
             (_, (out, lse)), _ = got
             assert jax.typeof(out).sharding.spec == BTNH and jax.typeof(lse).sharding.spec == P("data", None, "model")
         close(got, want, "pallas")
-        print("pallas per device == unsharded")
+        print("pallas per device == unsharded, dropout pattern too")
         hlo = compiled.as_text()
         assert "all-gather" not in hlo and "all-to-all" not in hlo, [l for l in hlo.splitlines() if "all-" in l]
         assert f"f32[{B // 4},{T},{N // 2},{H}]" in hlo  # each device holds its (batch, heads) slice
@@ -129,7 +131,12 @@ SCRIPT = textwrap.dedent(
             raise AssertionError("not refused")
         except ValueError as e:
             assert "score_mod on inputs sharded over 'model'" in str(e), e
-    print("per device refuses a score_mod with heads split")
+        # Dropout with a backend that cannot draw at global indices (no dropout_origin).
+        no_origin = dataclasses.replace(per_device_dense, supports=per_device_dense.supports - {"dropout_origin"})
+        with mock.patch.dict(dispatch.BACKENDS, {"dense": no_origin}):
+            why = contract.refusal(no_origin, make_call(*put(BTNH, q, k, v), dropout_rate=0.1, dropout_rng=jax.random.key(3)), "cpu")
+            assert "dropout on inputs sharded over batch over 'data', heads over 'model'" in why, why
+    print("per device refuses a score_mod with heads split, dropout without dropout_origin")
 
     # What explain says for the real backends (bfloat16, as the GPU kernels take).
     bf = lambda *xs: [x.astype(jnp.bfloat16) for x in xs]
@@ -171,11 +178,11 @@ def _run() -> str:
 @pytest.mark.parametrize("line", [
     "dense sharded == unsharded",
     "chunked sharded == unsharded",
-    "pallas per device == unsharded",
+    "pallas per device == unsharded, dropout pattern too",
     "pallas per device: no all-gather",
     "splash per device == unsharded",
     "operands sliced alike, dropout pattern as unsharded",
-    "per device refuses a score_mod with heads split",
+    "per device refuses a score_mod with heads split, dropout without dropout_origin",
     "explain says per device",
 ])
 def test_explicit_mesh_sharded(line):

@@ -63,4 +63,4 @@ def refusal(backend: Backend, call: AttentionCall, platform: str) -> str | None:
         return backend.lacks.format(features=features)
     if (why := backend.limits(call, platform)) is not None:
         return why
-    return per_device_lib.refusal(call) if backend.per_device else None
+    return per_device_lib.refusal(call, backend.supports) if backend.per_device else None

@@ -7,9 +7,6 @@ values shared), then over K, then over the batch.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-
 import jax
 import jax.numpy as jnp
 
@@ -181,31 +178,8 @@ def _map_level(fn, in_axes: tuple, size: int):
     return call
 
 
-# (first example, first query head) of the slice a per-device backend is computing,
-# set by `jattn.backends.per_device` while it traces the backend in jax.shard_map.
-_SHARD_ORIGIN = contextvars.ContextVar("jattn_shard_origin", default=None)
-
-
-@contextlib.contextmanager
-def shard_origin(batch, head):
-    """Within: the call being traced is one device's slice of a call whose examples
-    start at global index ``batch`` and query heads at ``head`` (ints or traced
-    scalars); `head_dropout_key` adds them, so each slice draws the unsharded call's
-    dropout pattern.  A backend must derive its keys while ``run`` is traced (not in
-    a backward pass traced later, nor inside a cached ``jax.jit``)."""
-    token = _SHARD_ORIGIN.set((batch, head))
-    try:
-        yield
-    finally:
-        _SHARD_ORIGIN.reset(token)
-
-
 def head_dropout_key(rng, batch_index, head):
-    """The dropout key of one (example, query head); every backend derives it so.
-    Indices are global: inside `shard_origin` the slice's origin is added."""
-    origin = _SHARD_ORIGIN.get()
-    if origin is not None:
-        batch_index, head = batch_index + origin[0], head + origin[1]
+    """The dropout key of one (example, query head); every backend derives it so."""
     return jax.random.fold_in(jax.random.fold_in(rng, batch_index), head)
 
 

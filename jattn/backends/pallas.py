@@ -55,6 +55,9 @@ SUPPORTS = frozenset({
     "causal", "local_window", "query_offset", "query_seq_lengths", "key_value_seq_lengths",
     "segment_ids", "logits_soft_cap", "return_residual",
     "bias", "mask_mod", "score_mod", "dropout",
+    # Dropout at a global (example, head) origin: a slice of a call sharded over batch /
+    # heads (jattn.backends.per_device); not a row / key origin (see _dropout_seeds).
+    "dropout_origin",
 })
 
 
@@ -71,7 +74,11 @@ def limits(call: AttentionCall, platform: str) -> str | None:
                 "dots round to TF32; chunked keeps float32 accuracy)")
     if s["Hv"] != s["H"] or s["H"] > MAX_HEAD_DIM:
         return f"needs equal query/value head dims of at most {MAX_HEAD_DIM}; got H={s['H']}, Hv={s['Hv']}"
-    return _flex_refusal(call)
+    if (why := _flex_refusal(call)) is not None:
+        return why
+    if (why := _dropout_origin_refusal(call)) is not None:
+        return why
+    return None
 
 
 def _flex_refusal(call: AttentionCall) -> str | None:
@@ -144,13 +151,29 @@ def _padded_bias(call: AttentionCall, Tp: int, Sp: int):
     return pad_axis(pad_axis(bias, 2, Tp), 3, Sp)
 
 
+def _dropout_origin_refusal(call: AttentionCall) -> str | None:
+    """The kernels hash rows and keys from 0: a dropout origin may move the example and
+    head indices only (what `jattn.backends.per_device` sets for a slice)."""
+    origin = call.dropout_origin
+    if call.dropout_rate == 0.0 or origin is None:
+        return None
+    if all(isinstance(o, int) and o == 0 for o in origin[2:]):
+        return None
+    return "its dropout hashes rows and keys from 0 (a dropout_origin with a row or key offset)"
+
+
 def _dropout_seeds(call: AttentionCall):
     """uint32 ``[B, N]``: the `jattn.ops.dropout_seed` of every (example, head) key."""
     if call.dropout_rate == 0.0:
         return None
     s = call.shape
+    b, n = jnp.arange(s["B"]), jnp.arange(s["N"])
+    if call.dropout_origin is not None:  # a slice of a larger call: global indices
+        if (why := _dropout_origin_refusal(call)) is not None:
+            raise ValueError(f"implementation='pallas' cannot serve this call: {why}")
+        b, n = b + call.dropout_origin[0], n + call.dropout_origin[1]
     seed = lambda b, n: ops_lib.dropout_seed(H.head_dropout_key(call.dropout_rng, b, n))
-    return jax.vmap(jax.vmap(seed, in_axes=(None, 0)), in_axes=(0, None))(jnp.arange(s["B"]), jnp.arange(s["N"]))
+    return jax.vmap(jax.vmap(seed, in_axes=(None, 0)), in_axes=(0, None))(b, n)
 
 
 def _visit_tables(call: AttentionCall, tiles: Tiles, Tp: int, Sp: int):

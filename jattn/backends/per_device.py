@@ -14,9 +14,10 @@ inputs' mesh, on each device's slice of the call:
   and the data leaves of mask and score-mod objects that have a batch axis
   (`jattn.index_fn.IndexFunction.batch_in_axes`); everything else is replicated;
 - the output is ``[B, T, N, Hv]`` sharded like the query (the lse ``[B, T, N]`` too);
-- dropout draws the unsharded call's pattern: the backend is traced inside
-  `jattn.backends.heads.shard_origin` (the slice's first example and head, from
-  `jax.lax.axis_index`), which `heads.head_dropout_key` adds to its local indices.
+- dropout draws the unsharded call's pattern: each slice's call carries its global
+  origin (``AttentionCall.dropout_origin``: first example and head, from
+  `jax.lax.axis_index`), so a backend must declare the ``dropout_origin`` feature to
+  serve dropout on inputs split over batch or heads.
 
 Refused, with the reason (`refusal`), because the per-device result would differ
 from the unsharded call or need data another device holds:
@@ -27,6 +28,8 @@ from the unsharded call or need data another device holds:
 - key / value split unlike the query on batch or heads;
 - heads that do not split consistently with the GQA groups (N and K must both be
   multiples of the head-axis size, so that each device holds whole groups);
+- dropout (batch or heads split) with a backend that cannot draw at global indices
+  (it does not declare ``dropout_origin``): its pattern would differ;
 - a score_mod with heads split: it would receive the shard's local head index (the
   Pallas kernels pass their program id), not the global one;
 - an `AttentionCall` field holding arrays that `_operand_specs` does not know.
@@ -47,7 +50,6 @@ import math
 import jax
 from jax.sharding import PartitionSpec as P
 
-from jattn.backends import heads
 from jattn.call import AttentionCall
 
 # The fields whose arrays `_operand_specs` knows how to slice; any other field that
@@ -55,6 +57,7 @@ from jattn.call import AttentionCall
 KNOWN_ARRAY_FIELDS = (
     "query", "key", "value", "bias", "dense_mask", "query_offset", "query_seq_lengths",
     "key_value_seq_lengths", "segment_ids", "user_mask", "user_score_mod", "dropout_rng",
+    "dropout_origin",
 )
 
 
@@ -91,7 +94,7 @@ def _splits(mesh, entry) -> bool:
     return any(dict(mesh.shape).get(n, 1) > 1 for n in names)
 
 
-def _plan(call: AttentionCall) -> tuple[Layout | None, str | None]:
+def _plan(call: AttentionCall, supports: frozenset) -> tuple[Layout | None, str | None]:
     found = {name: _spec(getattr(call, name)) for name in ("query", "key", "value")}
     if not any(f is not None and any(_splits(f[1], e) for e in f[0]) for f in found.values()):
         return None, None  # nothing split: the backend runs as it is
@@ -122,7 +125,11 @@ def _plan(call: AttentionCall) -> tuple[Layout | None, str | None]:
     if s["N"] % nh or s["K"] % nh:
         return None, (f"N={s['N']} query heads and K={s['K']} key/value heads must both be multiples of "
                       f"the {nh} devices of {layout.heads!r}, so that each device holds whole GQA groups")
-    if "score_mod" in call.features() and layout.heads is not None:
+    features = call.features()
+    if "dropout" in features and "dropout_origin" not in supports:
+        return None, (f"dropout on inputs sharded over {layout.describe()}: this backend cannot draw "
+                      "at the global example / head indices (no dropout_origin), so the pattern would differ")
+    if "score_mod" in features and layout.heads is not None:
         return None, (f"a score_mod on inputs sharded over {layout.heads!r}: it would receive the "
                       "shard's local head index, not the global one")
     for field in dataclasses.fields(call):
@@ -135,19 +142,21 @@ def _arrays_in(tree) -> bool:
     return any(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(tree))
 
 
-def plan(call: AttentionCall) -> Layout | None:
-    """The `Layout` a per-device backend runs ``call`` with, or None when no input is
-    split over an explicit-axis mesh (the backend then runs as it is).  Raises
-    ValueError with the reason when the split cannot be served per device."""
-    layout, why = _plan(call)
+def plan(call: AttentionCall, supports: frozenset = frozenset()) -> Layout | None:
+    """The `Layout` a per-device backend (declaring the features ``supports``) runs
+    ``call`` with, or None when no input is split over an explicit-axis mesh (the
+    backend then runs as it is).  Raises ValueError with the reason when the split
+    cannot be served per device."""
+    layout, why = _plan(call, supports)
     if why is not None:
         raise ValueError(why)
     return layout
 
 
-def refusal(call: AttentionCall) -> str | None:
-    """Why a per-device backend cannot serve ``call`` on its sharded inputs, or None."""
-    why = _plan(call)[1]
+def refusal(call: AttentionCall, supports: frozenset) -> str | None:
+    """Why a per-device backend declaring the features ``supports`` cannot serve
+    ``call`` on its sharded inputs, or None."""
+    why = _plan(call, supports)[1]
     return None if why is None else f"runs per device in jax.shard_map, but {why}"
 
 
@@ -175,6 +184,7 @@ def _operand_specs(call: AttentionCall, layout: Layout) -> dict[str, list]:
         leaves(name, lambda x: P(b))
     leaves("query_offset", lambda x: P(b) if x.ndim else P())
     leaves("dropout_rng", lambda x: P())
+    leaves("dropout_origin", lambda x: P())
     for name in ("user_mask", "user_score_mod"):
         obj = getattr(call, name)
         if obj is None:
@@ -191,7 +201,7 @@ def _operand_specs(call: AttentionCall, layout: Layout) -> dict[str, list]:
 def run(backend, call: AttentionCall, platform: str):
     """``backend.run(call, platform)``; for a per-device backend on inputs split over
     batch / heads, inside `jax.shard_map` with every operand sliced alike."""
-    layout = plan(call) if getattr(backend, "per_device", False) else None
+    layout = plan(call, backend.supports) if getattr(backend, "per_device", False) else None
     if layout is None:
         return backend.run(call, platform)
     per_field = _operand_specs(call, layout)
@@ -215,11 +225,13 @@ def run(backend, call: AttentionCall, platform: str):
             fields[name] = jax.tree_util.tree_unflatten(
                 jax.tree_util.tree_structure(value, is_leaf=_is_none), rebuilt)
         local = dataclasses.replace(call, **fields)
-        s = local.shape
-        origin = [0 if axis is None else jax.lax.axis_index(axis) * size
-                  for axis, size in ((layout.batch, s["B"]), (layout.heads, s["N"]))]
-        with heads.shard_origin(*origin):  # dropout keys from global example / head indices
-            out, weights, lse = backend.run(local, platform)
+        if call.dropout_rate > 0.0:  # dropout at the global example / head indices
+            s = local.shape
+            b0, n0 = (0 if axis is None else jax.lax.axis_index(axis) * size
+                      for axis, size in ((layout.batch, s["B"]), (layout.heads, s["N"])))
+            b, n, q0, k0 = local.dropout_origin or (0, 0, 0, 0)
+            local = dataclasses.replace(local, dropout_origin=(b + b0, n + n0, q0, k0))
+        out, weights, lse = backend.run(local, platform)
         if weights is not None:
             raise ValueError(f"{backend.name} returned weights, which the per-device path does not shard")
         return out, lse
