@@ -13,6 +13,7 @@ from jattn import options as options_lib
 from jattn.backends import per_device
 from jattn.backends.registry import BACKENDS
 from jattn.call import AttentionCall, validate
+from jattn.parallel import split as parallel_split
 
 # The accepted ``implementation=`` values: automatic, jax.nn's name for dense, the registry.
 IMPLEMENTATIONS = (None, "xla", *BACKENDS)
@@ -59,9 +60,12 @@ def dot_product_attention(query: Array, key: Array, value: Array, bias: Array | 
     """
     call = _validated("dot_product_attention", query, key, value, bias, mask, options)
     platform = dispatch.current_platform()
-    choice = dispatch.choose(call, platform)
-    # A per-device backend (a fused kernel) on sharded inputs runs in jax.shard_map.
-    out, weights, lse = per_device.run(dispatch.BACKENDS[choice.backend], call, platform)
+    if parallel_split.is_split(call):  # a sequence split over a mesh axis
+        out, weights, lse = parallel_split.run(call, platform)
+    else:
+        choice = dispatch.choose(call, platform)
+        # A per-device backend (a fused kernel) on sharded inputs runs in jax.shard_map.
+        out, weights, lse = per_device.run(dispatch.BACKENDS[choice.backend], call, platform)
     if lse is not None:  # as jax.nn: the input dtype, no gradient
         lse = jax.lax.stop_gradient(lse.astype(call.query.dtype))
     if call.unbatched:
@@ -91,7 +95,7 @@ def explain(query, key, value, bias=None, mask=None, *, platform: str | None = N
     leaves, treedef = jax.tree_util.tree_flatten((query, key, value, bias, mask, options))
     is_abstract = [isinstance(x, jax.ShapeDtypeStruct) for x in leaves]
     if not any(is_abstract):
-        return dispatch.choose(_validated("explain", query, key, value, bias, mask, options), platform)
+        return _choose(_validated("explain", query, key, value, bias, mask, options), platform)
 
     # Validation needs arrays: trace it with the abstract leaves as eval_shape inputs.
     chosen = []
@@ -100,11 +104,17 @@ def explain(query, key, value, bias=None, mask=None, *, platform: str | None = N
         it = iter(abstract_leaves)
         args = jax.tree_util.tree_unflatten(treedef, [next(it) if a else x for x, a in zip(leaves, is_abstract)])
         *arrays, opts = args
-        chosen.append(dispatch.choose(_validated("explain", *arrays, opts), platform))
+        chosen.append(_choose(_validated("explain", *arrays, opts), platform))
         return ()
 
     jax.eval_shape(choose, [x for x, a in zip(leaves, is_abstract) if a])
     return chosen[0]
+
+
+def _choose(call: AttentionCall, platform: str) -> dispatch.Explanation:
+    if parallel_split.is_split(call):
+        return parallel_split.explain(call, platform)
+    return dispatch.choose(call, platform)
 
 
 def make_call(query, key, value, bias=None, mask=None, **options) -> AttentionCall:

@@ -49,9 +49,13 @@ class Explanation:
     backend: str
     reason: str
     refused: dict[str, str]
+    # For a sequence split over a mesh axis (jattn.parallel): the strategy, why, and
+    # that `backend` serves each block.
+    sequence: str | None = None
 
     def __str__(self) -> str:
-        lines = [f"backend: {self.backend} ({self.reason})"]
+        lines = [] if self.sequence is None else [f"sequence: {self.sequence}"]
+        lines += [f"backend: {self.backend} ({self.reason})"]
         lines += [f"  not {name}: {why}" for name, why in self.refused.items()]
         return "\n".join(lines)
 
