@@ -44,7 +44,7 @@ def _loss(fn):
 # ------------------------------------------------------------------ flex attention
 
 SLOPES = tuple(0.5 ** (n + 1) for n in range(6))
-SCORE_MODS = [None, "softcap", "alibi", "table", "bias_leaf"]
+SCORE_MODS = [None, "softcap", "alibi_table", "bias_leaf"]
 RATE = 0.25
 
 
@@ -57,10 +57,10 @@ def _flex_kwargs(case, bias, table, bias_leaf):
         kwargs["bias"] = bias
     if mod == "softcap":
         kwargs["logits_soft_cap"] = 2.0
-    elif mod == "alibi":  # ALiBi then the soft-cap: a chain, the cap last
-        kwargs.update(score_mod=jattn.score_mods.ALiBi(slopes=SLOPES[:N]), logits_soft_cap=3.0)
-    elif mod == "table":  # a learned relative-position bias the function closes over
-        kwargs["score_mod"] = lambda s, h, i, j: s + table[h, jnp.clip(j - i, -4, 4) + 4]
+    elif mod == "alibi_table":  # ALiBi, then a learned relative-position table a function
+        # closes over, then the soft-cap: a chain, the cap last
+        relative = lambda s, h, i, j: s + table[h, jnp.clip(j - i, -4, 4) + 4]
+        kwargs.update(score_mod=jattn.score_mods.ALiBi(slopes=SLOPES[:N]).then(relative), logits_soft_cap=3.0)
     elif mod == "bias_leaf":
         kwargs["score_mod"] = jattn.score_mods.Bias(bias_leaf)
     if rate:
@@ -77,10 +77,9 @@ def _reference_kwargs(case, bias, table, bias_leaf):
     table, bias_leaf = np.asarray(table, np.float64), np.asarray(bias_leaf, np.float64)
     if mod == "softcap":
         kwargs["softcap"] = 2.0
-    elif mod == "alibi":
-        kwargs.update(score_fn=lambda x, n, t, s: x - SLOPES[n] * abs(t - s), softcap=3.0)
-    elif mod == "table":
-        kwargs["score_fn"] = lambda x, n, t, s: x + table[n, min(max(s - t, -4), 4) + 4]
+    elif mod == "alibi_table":
+        kwargs.update(score_fn=lambda x, n, t, s: x - SLOPES[n] * abs(t - s) + table[n, min(max(s - t, -4), 4) + 4],
+                      softcap=3.0)
     elif mod == "bias_leaf":
         kwargs["score_fn"] = lambda x, n, t, s: x + bias_leaf[t, s]
     if rate:
@@ -143,12 +142,12 @@ def _must_cover(dims, ours, ref, mod, bias_shape, rate, seed=3):
 # interprets three kernels forward and backward in one compiled program.
 @settings(max_examples=max(4, settings.default.max_examples // 2), deadline=None)
 @given(case=_flex_cases())
-@example(case=_must_cover(  # a run-time tile table, a closed-over learned table, a per-head bias, dropout
+@example(case=_must_cover(  # a run-time tile table, ALiBi then a closed-over learned table, a per-head bias, dropout
     (2, 37, 29, 2, 1, 8), {"mask": jattn.masks.PrefixLM(jnp.array([5, 20])), "is_causal": True},
-    {"prefix_length": [5, 20], "is_causal": True}, "table", (1, 2, 37, 29), RATE))
-@example(case=_must_cover(  # a static mask_mod (documents), ALiBi then soft-cap, a key bias, GQA G=3, H=24
+    {"prefix_length": [5, 20], "is_causal": True}, "alibi_table", (1, 2, 37, 29), RATE))
+@example(case=_must_cover(  # a static mask_mod (documents), a Bias leaf, a key bias, GQA G=3, H=24
     (1, 33, 40, 6, 2, 24), {"mask": lambda i, j: i // 8 == j // 8, "key_value_seq_lengths": jnp.array([35])},
-    {"mask_fn": lambda t, s: t // 8 == s // 8, "kv_lengths": [35]}, "alibi", (1, 1, 1, 40), 0.0))
+    {"mask_fn": lambda t, s: t // 8 == s // 8, "kv_lengths": [35]}, "bias_leaf", (1, 1, 1, 40), 0.0))
 def test_flex_agrees_with_reference_and_dense(case):
     """Outputs and lse against the float64 reference; gradients (q, k, v, bias, the
     table a score_mod closes over, a Bias leaf) against dense — every mask kind,
@@ -164,8 +163,10 @@ def test_flex_agrees_with_reference_and_dense(case):
     for name, g, w in zip(["dq", "dk", "dv", "dbias", "dtable", "dbias_leaf"], grads, want):
         if w is not None:
             assert_close(g, w, 2e-5, atol=1e-6, err_msg=name)
-    if mod == "table":
+    if mod == "alibi_table":
         assert float(jnp.abs(want[4]).max()) > 0  # the closed-over table did get a gradient
+    if mod == "bias_leaf":
+        assert float(jnp.abs(want[5]).max()) > 0  # so did the Bias leaf
 
 
 def test_visit_lists_list_exactly_the_non_empty_tiles():

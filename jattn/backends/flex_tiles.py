@@ -100,16 +100,19 @@ def evaluate(fn: KernelFunction, args, score, head, rows, cols):
     [bq, bk]`` float32 (ignored by a mask), ``head`` a scalar.  ``args``: per
     argument, a kernel Ref of this example's block (element lookups become loads) or a
     loaded value (what `jax.vjp` differentiates).  Returns ``[bq, bk]``."""
-    rows, cols = rows.astype(jnp.int32), cols.astype(jnp.int32)
+    # Both indices as [bq, bk] grids, mapped by both vmaps: every index a lookup derives
+    # from them then has the tile's shape (a load's indexers must agree in shape).
+    shape = (rows.shape[0], cols.shape[0])
+    rows = jnp.broadcast_to(rows.astype(jnp.int32)[:, None], shape)
+    cols = jnp.broadcast_to(cols.astype(jnp.int32)[None, :], shape)
 
     def one(s, q_idx, kv_idx):
         return _eval_looking_up(fn, args, (s, head, q_idx, kv_idx))
 
     if fn.is_mask:
-        per_row = jax.vmap(lambda q_idx, kv_idx: one(jnp.float32(0), q_idx, kv_idx), in_axes=(None, 0))
-        return jax.vmap(per_row, in_axes=(0, None))(rows, cols)
-    per_row = jax.vmap(one, in_axes=(0, None, 0))
-    return jax.vmap(per_row, in_axes=(0, 0, None))(score, rows, cols)
+        mask_one = lambda q_idx, kv_idx: one(jnp.float32(0), q_idx, kv_idx)
+        return jax.vmap(jax.vmap(mask_one))(rows, cols)
+    return jax.vmap(jax.vmap(one))(score, rows, cols)
 
 
 def _is_ref(x) -> bool:
