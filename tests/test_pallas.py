@@ -178,6 +178,9 @@ def test_visit_lists_list_exactly_the_non_empty_tiles():
     traced = jattn.masks.Causal(3) | jattn.masks.Lengths(kv_length=jnp.array([4, 40]))
     kinds_traced = flex_tiles.tile_table(*traced.batch_in_axes(B, T, S), B, T, S, bq, bk, (5, 4))
     np.testing.assert_array_equal(np.asarray(kinds_traced), kinds)
+    shared = jattn.masks.Causal(jnp.int32(3)) | jattn.masks.Lengths(kv_length=jnp.int32(40))  # traced, no batch axis
+    kinds_shared = flex_tiles.tile_table(*shared.batch_in_axes(B, T, S), B, T, S, bq, bk, (5, 4))
+    np.testing.assert_array_equal(np.asarray(kinds_shared)[0], kinds[1])
     visits, counts = flex_tiles.visit_lists(kinds)
     assert visits.shape == (B, 5, 4)
     for b in range(B):

@@ -178,8 +178,8 @@ def tile_table(mask, mask_axes, batch: int, num_q: int, num_kv: int, block_q: in
     EMPTY; a tile holding padded keys is at most PARTIAL (the kernel masks them)."""
     if mask is None:
         kinds = np.full((1, -(-num_q // block_q), -(-num_kv // block_kv)), masks_lib.FULL, np.int8)
-    elif mask.is_static() and not jax.tree_util.tree_leaves(mask_axes):  # no per-example leaves
-        kinds = np.asarray(mask.block_kinds(num_q, num_kv, block_q, block_kv))[None]
+    elif not jax.tree_util.tree_leaves(mask_axes):  # shared by the batch: NumPy if static
+        kinds = mask.block_kinds(num_q, num_kv, block_q, block_kv)[None]
     else:
         kinds = jax.vmap(lambda m: m.block_kinds(num_q, num_kv, block_q, block_kv), in_axes=(mask_axes,))(mask)
     xp = np if isinstance(kinds, np.ndarray) else jnp
