@@ -205,6 +205,9 @@ class Config(Section):
             if getattr(m, axis) > 1 and value % getattr(m, axis):
                 raise ValueError(f"{key} ({value}) must be a multiple of mesh.{axis} ({getattr(m, axis)}), "
                                  f"which shards it")
+        if self.model.attention.sequence_axis is not None:
+            raise ValueError("model.attention.sequence_axis is set by the run (to 'context' when "
+                             f"mesh.context > 1); leave it null (got {self.model.attention.sequence_axis!r})")
         task = tasks.get(self.data.task)
         if self.target.metric not in task.metrics:
             raise schema.invalid_choice("target.metric", self.target.metric, list(task.metrics),

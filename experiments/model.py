@@ -76,6 +76,7 @@ class JattnAttention(jattn.nnx.SelfAttention):
             in_features=cfg.d_model, num_heads=cfg.num_heads, num_kv_heads=a.num_kv_heads, use_bias=False, dtype=dtype,
             dropout_rate=cfg.dropout, qk_norm=a.qk_norm, use_rope=cfg.positions == "rope",
             implementation=a.implementation, keep_rngs=False, rngs=rngs,
+            **({"sequence_axis": a.sequence_axis} if a.sequence_axis else {}),
         )
 
     def attend(self, x_BTD, *, causal: bool, positions_BT=None, lengths_B=None, cache=None,
@@ -153,6 +154,10 @@ class AttentionConfig(Section):
     implementation: str | None = None
     num_kv_heads: PositiveInt | None = None  # None: as many as query heads (no GQA)
     qk_norm: bool = False  # jattn: RMSNorm of q and k over H; flax: its LayerNorm (normalize_qk)
+    # Context parallelism: the mesh axis the activations' sequence is split over, which
+    # jattn's attention then serves by ring / all-gather attention.  Leave it null: the
+    # run sets it to "context" when mesh.context > 1 (an explicit mesh axis).
+    sequence_axis: Literal["context"] | None = None
 
 
 class ModelConfig(Section):
@@ -307,6 +312,9 @@ class Transformer(nnx.Module):
         stack without the head; weights is a list over layers of ``[B, N, T, S]``
         (None entries unless ``return_weights``)."""
         x_BTD, positions_BT = embed_continuing(self, tokens_BT, caches, deterministic=deterministic, rngs=rngs)
+        axis = self.cfg.attention.sequence_axis
+        if axis is not None and caches is None:  # context parallel: the activations' T split over the axis
+            x_BTD = jax.sharding.reshard(x_BTD, jax.sharding.PartitionSpec(None, axis, None))
         new_caches, weights = [], []
         for i, block in enumerate(self.blocks):
             x_BTD, new_cache, w_BNTS = block(

@@ -46,6 +46,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from experiments import config as config_lib
 from experiments import tasks
 from experiments.config import MESH_AXES, Config
+from experiments import schema
 from experiments.schema import ConfigError
 
 
@@ -153,7 +154,30 @@ def make_mesh(cfg: Config, devices=None) -> Mesh:
         if value % split:
             raise ConfigError(f"{key}={value} must be a multiple of mesh.data x mesh.fsdp = {split} "
                               "(the batch is split over both)")
-    return Mesh(np.array(devices[:n]).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+    # data, fsdp and tensor are Auto axes (XLA partitions the model); context, when the
+    # sequence is split by jattn, is Explicit: it is in the activations' types, where
+    # jattn.dot_product_attention sees it and serves the split (ring / all-gather).
+    split = sizes.get("context", 1) > 1 and cfg.model.attention.module == "jattn"
+    types = tuple(AxisType.Explicit if a == "context" and split else AxisType.Auto for a in MESH_AXES)
+    return Mesh(np.array(devices[:n]).reshape(shape), MESH_AXES, axis_types=types)
+
+
+def splits_sequence(mesh: Mesh) -> bool:
+    """Whether jattn splits the sequence over the mesh's ``context`` axis (context
+    parallelism): an Explicit axis of more than one device, which `make_mesh` makes
+    when ``mesh.context`` > 1 with jattn's attention.  (With
+    ``model.attention.module=flax`` it is an Auto axis: the batch's sequence axis is
+    sharded over it and XLA partitions the attention as it can.)"""
+    i = mesh.axis_names.index("context")
+    return mesh.axis_types[i] == AxisType.Explicit and mesh.devices.shape[i] > 1
+
+
+def model_config(cfg: Config, mesh: Mesh):
+    """``cfg.model`` as the model is built: with ``attention.sequence_axis="context"``
+    when the sequence is split (`splits_sequence`)."""
+    if splits_sequence(mesh):
+        return schema.updated(cfg.model, {"attention.sequence_axis": "context"})
+    return cfg.model
 
 
 def describe_devices(mesh: Mesh) -> str:
@@ -199,14 +223,16 @@ def param_shardings(abstract_params, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-    """A batch array ``[B, ...]``: B over ``data`` and ``fsdp``, the next axis (the
-    sequence) over ``context``."""
+    """A batch array ``[B, ...]``: B over ``data`` and ``fsdp``; the next axis (the
+    sequence) over ``context`` when it is an Auto axis (`splits_sequence`: else the
+    model splits its activations after the embedding)."""
     spec = [BATCH_AXES] + [None] * (len(shape) - 1)
     if len(shape) >= 2 and mesh.shape["context"] > 1:
         if shape[1] % mesh.shape["context"]:
             raise ConfigError(f"mesh.context={mesh.shape['context']} must divide the sequence length of the "
                               f"batch; got an array of shape {tuple(shape)}")
-        spec[1] = "context"
+        if not splits_sequence(mesh):  # else the model splits its activations (the tokens stay whole)
+            spec[1] = "context"
     return NamedSharding(mesh, P(*spec))
 
 
@@ -336,7 +362,7 @@ def setup(cfg: Config, devices=None) -> Setup:
     tx, schedule = make_optimizer(cfg)
 
     def build():
-        return task.build_model(cfg.model, dtype=dtype, rngs=nnx.Rngs(params=key))
+        return task.build_model(model_config(cfg, mesh), dtype=dtype, rngs=nnx.Rngs(params=key))
 
     graphdef, abstract = nnx.split(nnx.eval_shape(build), nnx.Param)
     replicated = NamedSharding(mesh, P())

@@ -113,65 +113,67 @@ def train(cfg: Config, *, resume: bool = False, console=None) -> dict:
     )
     eval_step = jax.jit(run_lib.make_eval_step(task, s.graphdef), out_shardings=replicated)
 
-    t0 = time.perf_counter()
-    example_batch = make_batch(0)
-    train_step = train_step.lower(state, example_batch).compile()
-    eval_step = eval_step.lower(state.params, eval_batches[0]).compile()
-    compile_s = time.perf_counter() - t0
+    # Under the mesh: jattn sees the context axis (context parallelism) in the types.
+    with jax.set_mesh(mesh):
+        t0 = time.perf_counter()
+        example_batch = make_batch(0)
+        train_step = train_step.lower(state, example_batch).compile()
+        eval_step = eval_step.lower(state.params, eval_batches[0]).compile()
+        compile_s = time.perf_counter() - t0
 
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    a = cfg.model.attention
-    console.print(
-        f"[bold]{cfg.name}[/]: task {task.name} ({task.describe(s.task_info)}), "
-        f"{n_params:,} params, attention {a.module}{'/' + a.implementation if a.implementation else ''}, "
-        f"{cfg.train.dtype}, {run_lib.describe_devices(mesh)}; compiled in {compile_s:.1f}s"
-    )
+        n_params = sum(x.size for x in jax.tree.leaves(state.params))
+        a = cfg.model.attention
+        console.print(
+            f"[bold]{cfg.name}[/]: task {task.name} ({task.describe(s.task_info)}), "
+            f"{n_params:,} params, attention {a.module}{'/' + a.implementation if a.implementation else ''}, "
+            f"{cfg.train.dtype}, {run_lib.describe_devices(mesh)}; compiled in {compile_s:.1f}s"
+        )
 
-    def evaluate(step: int) -> dict:
-        sums = [eval_step(state.params, b) for b in eval_batches]
-        total = jax.tree.map(lambda *xs: sum(float(x) for x in xs), *sums)
-        row = task.summarize(total, reference)
-        log.write({"split": "eval", "step": step, **row})
-        console.print(f"step {step:>6} | eval " + " ".join(f"{k} {v:.4f}" for k, v in row.items()))
-        return row
+        def evaluate(step: int) -> dict:
+            sums = [eval_step(state.params, b) for b in eval_batches]
+            total = jax.tree.map(lambda *xs: sum(float(x) for x in xs), *sums)
+            row = task.summarize(total, reference)
+            log.write({"split": "eval", "step": step, **row})
+            console.print(f"step {step:>6} | eval " + " ".join(f"{k} {v:.4f}" for k, v in row.items()))
+            return row
 
-    window_losses, paused, t_window = [], 0.0, time.perf_counter()
-    tokens_per_s: list[float] = []
-    progress = _progress(console)
-    with progress:
-        bar = progress.add_task("train", total=cfg.train.steps, completed=start, info="")
-        for step in range(start + 1, cfg.train.steps + 1):
-            # state.step == step - 1 here: batch and dropout key are those of step - 1
-            batch = make_batch(step - 1)
-            state, m = train_step(state, batch)
-            window_losses.append(m["loss"])
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                losses = [float(x) for x in window_losses]
-                now = time.perf_counter()
-                tps = len(losses) * tokens_per_step / max(now - t_window - paused, 1e-9)
-                tokens_per_s.append(tps)
-                row = dict(split="train", step=step, loss=float(np.mean(losses)),
-                           grad_norm=float(m["grad_norm"]), lr=float(m["lr"]), tokens_per_s=tps)
-                if not all(math.isfinite(x) for x in losses):
+        window_losses, paused, t_window = [], 0.0, time.perf_counter()
+        tokens_per_s: list[float] = []
+        progress = _progress(console)
+        with progress:
+            bar = progress.add_task("train", total=cfg.train.steps, completed=start, info="")
+            for step in range(start + 1, cfg.train.steps + 1):
+                # state.step == step - 1 here: batch and dropout key are those of step - 1
+                batch = make_batch(step - 1)
+                state, m = train_step(state, batch)
+                window_losses.append(m["loss"])
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    losses = [float(x) for x in window_losses]
+                    now = time.perf_counter()
+                    tps = len(losses) * tokens_per_step / max(now - t_window - paused, 1e-9)
+                    tokens_per_s.append(tps)
+                    row = dict(split="train", step=step, loss=float(np.mean(losses)),
+                               grad_norm=float(m["grad_norm"]), lr=float(m["lr"]), tokens_per_s=tps)
+                    if not all(math.isfinite(x) for x in losses):
+                        log.write(row)
+                        raise FloatingPointError(f"training loss became {losses[-1]} at step {step}")
                     log.write(row)
-                    raise FloatingPointError(f"training loss became {losses[-1]} at step {step}")
-                log.write(row)
-                progress.update(bar, info=f"loss {row['loss']:.4f} | {tps:,.0f} tok/s")
-                window_losses, paused, t_window = [], 0.0, now
-            progress.update(bar, completed=step)
-            t_pause = time.perf_counter()
-            if step % cfg.eval.every == 0 or step == cfg.train.steps:
-                evaluate(step)
-            if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
-                mngr.save(step, args=ocp.args.StandardSave(state), force=True)
-                mngr.wait_until_finished()
-            paused += time.perf_counter() - t_pause
-    mngr.close()
+                    progress.update(bar, info=f"loss {row['loss']:.4f} | {tps:,.0f} tok/s")
+                    window_losses, paused, t_window = [], 0.0, now
+                progress.update(bar, completed=step)
+                t_pause = time.perf_counter()
+                if step % cfg.eval.every == 0 or step == cfg.train.steps:
+                    evaluate(step)
+                if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
+                    mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+                    mngr.wait_until_finished()
+                paused += time.perf_counter() - t_pause
+        mngr.close()
 
-    rows = log.rows()
-    final = next((r for r in reversed(rows) if r["split"] == "eval"), None)
-    if final is None or final["step"] != cfg.train.steps:
-        final = {"split": "eval", "step": cfg.train.steps, **evaluate(cfg.train.steps)}
+        rows = log.rows()
+        final = next((r for r in reversed(rows) if r["split"] == "eval"), None)
+        if final is None or final["step"] != cfg.train.steps:
+            final = {"split": "eval", "step": cfg.train.steps, **evaluate(cfg.train.steps)}
     t = cfg.target
     value = final[t.metric]
     reached = value >= t.value if t.op == ">=" else value <= t.value

@@ -56,6 +56,8 @@ SCRIPT = textwrap.dedent(
             print("SPECS", json.dumps([str(kernel.sharding.spec), str(mu.sharding.spec),
                                         kernel.addressable_shards[0].data.shape]))
         print("DEVICES", name, summary["devices"])
+        mesh = run.make_mesh(cfg)  # jattn splits the sequence: an Explicit context axis in the model's types
+        print("SPLIT", name, run.splits_sequence(mesh), run.model_config(cfg, mesh).attention.sequence_axis)
     """
 )
 
@@ -144,6 +146,7 @@ def jobs(tmp_path_factory):
 def test_a_sharded_run_on_8_devices_trains_like_one_device(jobs, mesh):
     want, got = jobs["runs"] / "one", jobs["runs"] / mesh
     assert f"DEVICES {mesh} 8 x cpu (cpu), mesh " in jobs["ref_out"]
+    assert f"SPLIT {mesh} True context" in jobs["ref_out"]  # the context axis served by jattn.parallel
     losses, want_losses = [r["loss"] for r in rows(got, "train")], [r["loss"] for r in rows(want, "train")]
     assert len(losses) == 4
     np.testing.assert_allclose(losses, want_losses, rtol=1e-4)
@@ -209,6 +212,8 @@ def test_mesh_config_errors_name_the_key():
         load("mesh.fsdp=3", "model.num_heads=2")
     with pytest.raises(ConfigError, match=r"'mesh.fsdp' expects an int; got '2x'"):
         load("mesh.fsdp=2x")
+    with pytest.raises(ConfigError, match=r"model.attention.sequence_axis is set by the run"):
+        load("model.attention.sequence_axis=context")
     m = load("mesh.data=2", "mesh.tensor=-1").mesh
     assert m.sizes(8) == {"data": 2, "fsdp": 1, "tensor": 4, "context": 1}
     with pytest.raises(ConfigError, match=r"mesh.data=2 x mesh.tensor=-1: mesh.tensor=-1 takes .* 7 local devices"):
