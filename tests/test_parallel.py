@@ -44,7 +44,8 @@ else:
     from jax.sharding import PartitionSpec as P
 
     import jattn
-    from jattn import masks, score_mods
+    from experiments import scaling
+    from jattn import score_mods
     from jattn.attention import make_call
     from jattn.parallel import blocks, ring, unzigzag, zigzag
 
@@ -204,8 +205,12 @@ else:
         assert len(ring.steps(blocks.static_of(call, "seq", 8, "cpu", 32, 32))) == steps
         with jax.set_mesh(mesh_of(8)):
             text = _compiled_text(lambda q, k, v: jattn.dot_product_attention(q, k, v, **kw), q, k, v)
-        sends = re.findall(r"= f32\[1,4,2,4\][^\n]* collective-permute(?:-start)?\(.*source_target_pairs=\{([^\n]*?)\}\}.*op_name=\"([^\"]*)\"", text)
+        sends = re.findall(r"= f32\[([\d,]+)\][^\n]* collective-permute(?:-start)?\(.*source_target_pairs=\{([^\n]*?)\}\}.*op_name=\"([^\"]*)\"", text)
         assert len(sends) == 2, sends
+        # The bytes docs/scaling.md's model counts per step are what the program sends.
+        sent = sum(4 * int(np.prod([int(d) for d in shape.split(",")])) for shape, _, _ in sends)
+        assert sent == scaling.ring_step_bytes(batch=1, block=4, kv_heads=2, head_dim=4, itemsize=4), sends
+        sends = [(pairs, where) for _, pairs, where in sends]
         ring_pairs = ",".join("{%d,%d}" % (i, (i + 1) % 8) for i in range(8))
         assert all(pairs + "}" == ring_pairs and "/while/body/" in where for pairs, where in sends), sends
         condition = re.search(r"while\([^)]*\), condition=%([\w.\-]+)", text).group(1)
@@ -266,3 +271,28 @@ else:
             assert many_kv.sequence.startswith("ring") and many_kv.backend in ("dense", "chunked"), many_kv
             weights = jattn.explain(q, q, q, sequence_axis="seq", return_weights=True)
             assert weights.sequence.startswith("all_gather") and weights.backend == "dense", weights
+
+    def test_modules_take_a_split_sequence_with_zigzag_positions():
+        """jattn.nnx / jattn.linen SelfAttention (causal, RoPE) with the sequence split
+        over 4 devices in zig-zag order and RoPE positions from `zigzag_positions`
+        give the unsplit module's outputs, reordered."""
+        from flax import nnx
+
+        import jattn.linen
+        import jattn.nnx
+        from jattn.parallel import zigzag_positions
+
+        x = jax.random.normal(jax.random.key(2), (2, 32, 16))
+        split = dict(sequence_axis="seq", sequence_layout="zigzag")
+        positions = jnp.asarray(zigzag_positions(32, 4))
+        want = jattn.nnx.SelfAttention(16, 4, num_kv_heads=2, use_rope=True, rngs=nnx.Rngs(0))(x)
+        layer = jattn.nnx.SelfAttention(16, 4, num_kv_heads=2, use_rope=True, rngs=nnx.Rngs(0), **split)
+        linen = jattn.linen.SelfAttention(num_heads=4, num_kv_heads=2, use_rope=True)
+        params = linen.init(jax.random.key(0), x)
+        linen_want = linen.apply(params, x)
+        with jax.set_mesh(mesh_of(4)):
+            got = jax.jit(lambda x: layer(x, positions=positions))(zigzag(x, 4))
+            linen_split = jattn.linen.SelfAttention(num_heads=4, num_kv_heads=2, use_rope=True, **split)
+            linen_got = jax.jit(lambda x: linen_split.apply(params, x, positions=positions))(zigzag(x, 4))
+        np.testing.assert_allclose(np.asarray(unzigzag(got, 4)), np.asarray(want), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(unzigzag(linen_got, 4)), np.asarray(linen_want), rtol=1e-5, atol=1e-5)
