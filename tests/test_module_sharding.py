@@ -3,13 +3,18 @@ mesh of 8 CPU devices heads go over "model" and batch over "data"; the sharded m
 (NNX and Linen, and decoding with a sharded cache) computes what the unsharded one does.
 
 The check runs in a subprocess because the device count must be set before JAX
-initialises (`jax_num_cpu_devices`)."""
+initialises (`jax_num_cpu_devices`).  Suite time: it compiles with most XLA passes off,
+as the suite's own process does (tests/conftest.py), through
+``JAX_DISABLE_MOST_OPTIMIZATIONS`` in its environment: compiling is most of its time,
+and the SPMD partitioning it checks is not among the passes turned off."""
 
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+from tests.conftest import CHEAP_COMPILES
 
 SCRIPT = textwrap.dedent(
     """
@@ -101,6 +106,8 @@ SCRIPT = textwrap.dedent(
 def test_sharded_modules_match_unsharded_on_8_cpu_devices():
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    if CHEAP_COMPILES:
+        env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
     env.pop("XLA_FLAGS", None)
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600,
