@@ -27,8 +27,10 @@ run: $(VENV)/.stamp-run
 demo: $(VENV)/.stamp-run
 	$(PY) -m jattn.demo
 
+# worksteal: a worker that runs out of tests takes queued ones from the other (the
+# suite has a few minute-long tests; the default split can leave one worker idle).
 test: $(VENV)/.stamp-test
-	$(PY) -m pytest -n auto -q
+	$(PY) -m pytest -n auto --dist worksteal -q
 
 bench: $(VENV)/.stamp-run
 	$(PY) -m experiments.benchmark --config configs/bench_cpu.yaml
