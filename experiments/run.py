@@ -222,6 +222,19 @@ def param_shardings(abstract_params, mesh: Mesh):
     return nnx.to_pure_dict(tree)
 
 
+def state_shardings(abstract_params, tx, mesh: Mesh) -> TrainState:
+    """The shardings of a train state: the parameters' from their logical names
+    (`param_shardings`), the optimizer state's moments like their parameters
+    (``optax.tree_map_params``), everything else (step, counts) replicated."""
+    replicated = NamedSharding(mesh, P())
+    params = param_shardings(abstract_params, mesh)
+    opt_state = optax.tree_map_params(
+        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params)), params,
+        transform_non_params=lambda _: replicated,
+    )
+    return TrainState(replicated, params, opt_state)
+
+
 def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     """A batch array ``[B, ...]``: B over ``data`` and ``fsdp``; the next axis (the
     sequence) over ``context`` when it is an Auto axis (`splits_sequence`: else the
@@ -366,18 +379,12 @@ def setup(cfg: Config, devices=None) -> Setup:
 
     graphdef, abstract = nnx.split(nnx.eval_shape(build), nnx.Param)
     replicated = NamedSharding(mesh, P())
-    params_sharding = param_shardings(abstract, mesh)
-    abstract_params = nnx.to_pure_dict(abstract)
-    opt_sharding = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, abstract_params), params_sharding,
-        transform_non_params=lambda _: replicated,
-    )
 
     def init() -> TrainState:
         params = nnx.to_pure_dict(nnx.split(build(), nnx.Param)[1])
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
-    state = jax.jit(init, out_shardings=TrainState(replicated, params_sharding, opt_sharding))()
+    state = jax.jit(init, out_shardings=state_shardings(abstract, tx, mesh))()
     placed = jax.tree.map(lambda x: global_array(x, replicated), task)
     return Setup(cfg, placed, task_info, mesh, graphdef, state, tx, schedule, task)
 
@@ -405,7 +412,24 @@ def held_out_example(s: Setup):
 # ------------------------------------------------------------------- folders, restore
 
 
+def _serial_cpu_saves() -> None:
+    """On CPU devices, orbax's replica-parallel saving (each replica of a replicated
+    array writes a slice of it) costs a compiled slice per array and device -- about 4 s
+    of compiling for the tiny models here on 8 devices -- and gains nothing when the
+    devices share the host's memory: save each array from one replica instead.  (What
+    is written is the same; orbax already does this on GPUs.)"""
+    global _SERIAL_CPU_SAVES
+    if jax.default_backend() == "cpu" and not _SERIAL_CPU_SAVES:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+        _SERIAL_CPU_SAVES = True
+
+
+_SERIAL_CPU_SAVES = False
+
+
 def checkpoint_manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
+    _serial_cpu_saves()
     # Synchronous saves: the next step donates the state's buffers, so a background
     # writer must not still be reading them.
     options = ocp.CheckpointManagerOptions(

@@ -44,17 +44,20 @@ SCRIPT = textwrap.dedent(
     import json, sys
     import jax
     jax.config.update("jax_num_cpu_devices", 8)
-    from experiments import config, run, train
+    from flax import nnx
+    from experiments import config, run, tasks, train
     runs_dir, tiny, meshes = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
     for name, mesh in meshes.items():
         cfg = config.load("configs/sort.yaml", tiny + mesh + ["checkpoint.every=20", f"runs_dir={runs_dir}", f"name={name}"])
         summary = train.train(cfg)
         if name == "ftc":  # the parameters and their Adam moments are sharded as the rules say
-            s = run.setup(cfg)
-            kernel = s.state.params["blocks"][0]["attn"]["query"]["kernel"]
-            mu = s.state.opt_state[1][0].mu["blocks"][0]["mlp"]["up"]["kernel"]
-            print("SPECS", json.dumps([str(kernel.sharding.spec), str(mu.sharding.spec),
-                                        kernel.addressable_shards[0].data.shape]))
+            mesh = run.make_mesh(cfg)
+            task, _ = tasks.build(cfg.data)
+            model = nnx.eval_shape(lambda: task.build_model(run.model_config(cfg, mesh), dtype=run.compute_dtype(cfg), rngs=nnx.Rngs(0)))
+            shardings = run.state_shardings(nnx.split(model, nnx.Param)[1], run.make_optimizer(cfg)[0], mesh)
+            kernel = shardings.params["blocks"][0]["attn"]["query"]["kernel"]
+            mu = shardings.opt_state[1][0].mu["blocks"][0]["mlp"]["up"]["kernel"]
+            print("SPECS", json.dumps([str(kernel.spec), str(mu.spec), kernel.shard_shape((32, 4, 8))]))
         print("DEVICES", name, summary["devices"])
         mesh = run.make_mesh(cfg)  # jattn splits the sequence: an Explicit context axis in the model's types
         print("SPLIT", name, run.splits_sequence(mesh), run.model_config(cfg, mesh).attention.sequence_axis)
