@@ -67,8 +67,8 @@ else:
         return out, grads
 
     def single_device(q, k, v, **kw):
-        return out_and_grads(lambda q, k, v: jattn.dot_product_attention(q, k, v, implementation="dense", **kw),
-                             q, k, v)
+        kw = {**kw, "implementation": "dense"}
+        return out_and_grads(lambda q, k, v: jattn.dot_product_attention(q, k, v, **kw), q, k, v)
 
     def split_call(q, k, v, *, size, layout, **kw):
         """The call with the sequence split over a mesh of ``size`` devices (global
@@ -127,6 +127,9 @@ else:
     @example(dict(B=1, T=16, S=8, N=2, K=1, size=4, layout="contiguous",
                   kw=dict(sequence_strategy="all_gather", is_causal=True, query_offset=-3,
                           key_value_seq_lengths=jnp.asarray([5]), score_mod=score_mods.ALiBi(2)))).via("cross all-gather")
+    @example(dict(B=1, T=32, S=32, N=2, K=1, size=2, layout="zigzag",
+                  kw=dict(sequence_strategy="all_gather", is_causal=True, implementation="chunked",
+                          block_sizes=(4, 4)))).via("all-gather over chunked tiles (a traced offset)")
     @example(dict(B=1, T=16, S=16, N=2, K=2, size=4, layout="contiguous",
                   kw=dict(sequence_strategy="ring", local_window_size=(3, 0)))).via("window skips steps")
     def test_split_equals_single_device(case):

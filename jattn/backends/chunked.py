@@ -184,7 +184,10 @@ def _block_table(call, mask, mask_axes, dense_mask, num_q_blocks, num_kv_blocks,
         if mask.is_static():
             kinds = mask.block_kinds(s["T"], s["S"], bq, bk)
         else:
-            per_example = jax.vmap(lambda m: m.block_kinds(s["T"], s["S"], bq, bk), in_axes=(mask_axes,))(mask)
+            if any(axis == 0 for axis in jax.tree_util.tree_leaves(mask_axes)):
+                per_example = jax.vmap(lambda m: m.block_kinds(s["T"], s["S"], bq, bk), in_axes=(mask_axes,))(mask)
+            else:  # traced but shared by the batch (a traced scalar offset, say)
+                per_example = mask.block_kinds(s["T"], s["S"], bq, bk)[None]
             per_example = jnp.broadcast_to(per_example, (s["B"], num_q_blocks, num_kv_blocks))
             empty = jnp.all(per_example == masks_lib.EMPTY, axis=0)
             full = jnp.all(per_example == masks_lib.FULL, axis=0)
@@ -300,10 +303,10 @@ def _run_tiles(plan: Plan, ops: Operands, carry, tile_fn, fold, empty_fn):
         def step(carry, pair, kind=kind):
             i, j = pair[0], pair[1]
             if kind is None:
-                branches = [  # EMPTY, PARTIAL, FULL
-                    lambda: empty_fn(i, j, carry),
-                    lambda: tile_fn(i, j, carry, True),
-                    lambda: tile_fn(i, j, carry, False),
+                branches = [  # EMPTY, PARTIAL, FULL (agreeing on how they vary inside shard_map)
+                    lambda: H.varying_like(empty_fn(i, j, carry), ops.q),
+                    lambda: H.varying_like(tile_fn(i, j, carry, True), ops.q),
+                    lambda: H.varying_like(tile_fn(i, j, carry, False), ops.q),
                 ]
                 result = lax.switch(kinds[i, j].astype(jnp.int32), branches)
             else:

@@ -187,3 +187,26 @@ def head_sizes(call: AttentionCall) -> tuple[int, int, int]:
     """``(B, K, G)`` of a call."""
     s = call.shape
     return s["B"], s["K"], s["N"] // s["K"]
+
+
+def varying_axes(x) -> set:
+    """The mesh axes ``x`` varies over inside `jax.shard_map` (empty outside;
+    ``manual_axis_type.varying`` in jax 0.10, ``vma`` in other versions)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is not None:
+        return set(manual.varying)
+    return set(getattr(aval, "vma", ()))
+
+
+def varying_like(tree, like):
+    """``tree`` with every array varying over (at least) the mesh axes ``like`` varies
+    over.  Inside `jax.shard_map` the branches of a `lax.switch` must agree on this,
+    and zeros made in one branch vary over nothing.  A no-op outside shard_map."""
+    want = varying_axes(like)
+
+    def cast(x):
+        missing = tuple(sorted(want - varying_axes(x)))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree_util.tree_map(cast, tree)

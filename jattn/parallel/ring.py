@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jattn.backends.heads import varying_axes, varying_like
 from jattn.differentiable import cotangent_tree, split_differentiable
 from jattn.parallel import blocks
 from jattn.parallel.blocks import EMPTY, Operands, Static
@@ -45,29 +46,6 @@ def _ppermute(tree, st: Static, shift: int):
     """Send every array of ``tree`` from device i to device i + shift (mod P)."""
     perm = [(i, (i + shift) % st.size) for i in range(st.size)]
     return jax.tree_util.tree_map(lambda x: lax.ppermute(x, st.axis, perm), tree)
-
-
-def _vma(x) -> set:
-    """The mesh axes ``x`` varies over inside shard_map (``manual_axis_type.varying``
-    in jax 0.10; ``vma`` in other versions)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)
-    if manual is not None:
-        return set(manual.varying)
-    return set(getattr(aval, "vma", ()))
-
-
-def _varying(tree, like):
-    """``tree`` with every array varying over (at least) the mesh axes ``like`` varies
-    over: the branches of a `lax.switch` inside shard_map must agree, and an empty
-    piece's zeros vary over nothing."""
-    want = _vma(like)
-
-    def cast(x):
-        missing = tuple(sorted(want - _vma(x)))
-        return lax.pcast(x, missing, to="varying") if missing else x
-
-    return jax.tree_util.tree_map(cast, tree)
 
 
 def _pieces(st: Static, step_values: list[int], s, device, like):
@@ -101,7 +79,7 @@ def _pieces(st: Static, step_values: list[int], s, device, like):
 
                 def branch(kind):
                     on = covered == kind  # the (device, step) pairs that take this branch
-                    return lambda: _varying(fn(kind, pick(deltas, on), pick(q_ids, on), pick(kv_ids, on)), like)
+                    return lambda: varying_like(fn(kind, pick(deltas, on), pick(q_ids, on), pick(kv_ids, on)), like)
 
                 if len(present) == 1:
                     return branch(present[0])()
@@ -138,7 +116,7 @@ def _forward(st: Static, ops: Operands):
     device = lax.axis_index(st.axis)
     rows, cols = _slices(ops.q.shape[1], st.chunks), _slices(ops.k.shape[1], st.chunks)
     Hv = ops.v.shape[-1]
-    acc = [_varying(blocks.empty_piece(ops.q[:, r], Hv), ops.q) for r in rows]
+    acc = [varying_like(blocks.empty_piece(ops.q[:, r], Hv), ops.q) for r in rows]
 
     def step(carry, s, step_values):
         (k, v, kv_segments), acc = carry
@@ -169,8 +147,8 @@ def _backward(st: Static, ops: Operands, out, lse, d_out):
     # Leaves the devices share are made varying before jax.vjp, so their cotangents
     # stay per device (the transpose of an implicit broadcast would be a psum inside
     # a branch some devices skip: a deadlock); they are summed once at the end.
-    sm_leaves = [_varying(x, ops.q) for x in shared_leaves]
-    f32_zeros = lambda x: _varying(jnp.zeros(x.shape, jnp.float32), ops.q)
+    sm_leaves = [varying_like(x, ops.q) for x in shared_leaves]
+    f32_zeros = lambda x: varying_like(jnp.zeros(x.shape, jnp.float32), ops.q)
 
     def step(carry, s, step_values):
         (k, v, kv_segments, d_k, d_v), (d_q, d_sm) = carry
@@ -220,7 +198,7 @@ def _backward(st: Static, ops: Operands, out, lse, d_out):
 def _sum_over_devices(grad, primal):
     """A leaf the devices share (not varying over an axis) gets the sum of their
     gradients; one that varies keeps its own."""
-    axes = tuple(sorted(_vma(grad) - _vma(primal)))
+    axes = tuple(sorted(varying_axes(grad) - varying_axes(primal)))
     return lax.psum(grad, axes) if axes else grad
 
 
