@@ -845,5 +845,6 @@ def test_explain_abstract():
     assert (out.shape, out.dtype) == (q.shape, q.dtype)
     assert seen and seen[0] == jattn.explain(zeros(q), zeros(kv), zeros(kv), platform="cpu", is_causal=True), seen
     half = jax.ShapeDtypeStruct((1, 1024, 4, 64), jnp.bfloat16)
-    gpu = jattn.explain(half, half, half, platform="gpu", dropout_rate=0.1, dropout_rng=jax.random.key(0))
-    assert gpu.backend != "pallas" and "dropout" in gpu.refused["pallas"], str(gpu)
+    offsets = jax.ShapeDtypeStruct((1,), jnp.int32)  # a per-example offset: the kernels take an int only
+    gpu = jattn.explain(half, half, half, platform="gpu", is_causal=True, query_offset=offsets)
+    assert gpu.backend != "pallas" and "query_offset" in gpu.refused["pallas"], str(gpu)
