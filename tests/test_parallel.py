@@ -172,6 +172,18 @@ else:
         assert why.sequence is not None and "'seq'" in why.sequence, str(why)
         assert_close((out, grads), want)
 
+    def test_all_gather_returns_the_weights_of_one_device():
+        """return_weights with a split sequence (all-gather; the ring refuses it): each
+        device returns whole rows [B, N, T/P, S], keys in natural order."""
+        q, k, v = inputs(1, 16, 16, 2, 1, 4)
+        kw = dict(is_causal=True, dropout_rate=0.25, dropout_rng=jax.random.key(4), return_weights=True)
+        want_out, want_w = jattn.dot_product_attention(q, k, v, implementation="dense", **kw)
+        with jax.set_mesh(mesh_of(4)):
+            out, w = jax.jit(lambda q, k, v: jattn.dot_product_attention(
+                q, k, v, sequence_axis="seq", sequence_layout="zigzag", **kw))(zigzag(q, 4), zigzag(k, 4), zigzag(v, 4))
+        np.testing.assert_allclose(np.asarray(unzigzag(w, 4, axis=2)), np.asarray(want_w), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(unzigzag(out, 4)), np.asarray(want_out), rtol=1e-5, atol=1e-6)
+
     def test_score_mod_leaves_get_the_single_device_gradient():
         """A learned bias table held by a score modifier (a pytree leaf, indexed at global
         positions) is shared by every device: its gradient sums over the ring steps
