@@ -132,6 +132,9 @@ else:
                           block_sizes=(4, 4)))).via("all-gather over chunked tiles (a traced offset)")
     @example(dict(B=1, T=16, S=16, N=2, K=2, size=4, layout="contiguous",
                   kw=dict(sequence_strategy="ring", local_window_size=(3, 0)))).via("window skips steps")
+    @example(dict(B=2, T=16, S=16, N=2, K=1, size=4, layout="zigzag",
+                  kw=dict(sequence_strategy="ring", is_causal=True, local_window_size=(6, 2),
+                          query_offset=jnp.asarray([2, -3])))).via("per-example offsets")
     def test_split_equals_single_device(case):
         q, k, v = inputs(case["B"], case["T"], case["S"], case["N"], case["K"], 4)
         want = single_device(q, k, v, **case["kw"])
