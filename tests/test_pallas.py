@@ -323,7 +323,7 @@ def test_a_jax_without_the_triton_lowering_is_refused_by_name(monkeypatch):
     """Whatever the kernels need and a JAX lacks (the Triton lowering is deprecated in
     favour of Mosaic GPU) makes the backend refuse, naming it; importing the kernels'
     module without it still works."""
-    import importlib
+    import importlib.util
     import sys
 
     import jax.experimental.pallas as pallas_pkg
@@ -333,18 +333,21 @@ def test_a_jax_without_the_triton_lowering_is_refused_by_name(monkeypatch):
     why = jattn.explain(q, q, q, is_causal=True, logits_soft_cap=30.0, platform="gpu")
     assert why.backend != "pallas" and "lacks dot" in why.refused["pallas"], why.refused["pallas"]
     monkeypatch.undo()
-    # No jax.experimental.pallas.triton at all: the module imports, the backend refuses.
+    # No jax.experimental.pallas.triton at all: the module imports (a fresh copy of it,
+    # so the module every other test uses keeps its classes), and the backend refuses.
     monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
     monkeypatch.delattr(pallas_pkg, "triton", raising=False)
-    try:
-        importlib.reload(fk)
-        assert fk.pl_triton is None
-        why = jattn.explain(q, q, q, is_causal=True, logits_soft_cap=30.0, platform="gpu")
-        assert why.backend != "pallas"
-        assert "no jax.experimental.pallas.triton" in why.refused["pallas"], why.refused["pallas"]
-    finally:
-        monkeypatch.undo()
-        importlib.reload(fk)
+    spec = importlib.util.spec_from_file_location("flash_kernels_without_triton", fk.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, fresh)  # its dataclasses look their module up
+    spec.loader.exec_module(fresh)
+    assert fresh.pl_triton is None and "no jax.experimental.pallas.triton" in fresh.missing_pieces()
+    monkeypatch.undo()
+    monkeypatch.setattr(fk, "pl_triton", None)
+    why = jattn.explain(q, q, q, is_causal=True, logits_soft_cap=30.0, platform="gpu")
+    assert why.backend != "pallas"
+    assert "no jax.experimental.pallas.triton" in why.refused["pallas"], why.refused["pallas"]
+    monkeypatch.undo()
     assert fk.pl_triton is not None
 
 

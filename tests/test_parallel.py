@@ -187,6 +187,21 @@ else:
         np.testing.assert_allclose(np.asarray(unzigzag(w, 4, axis=2)), np.asarray(want_w), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(np.asarray(unzigzag(out, 4)), np.asarray(want_out), rtol=1e-5, atol=1e-6)
 
+    def test_ring_blocks_on_the_fused_kernels(monkeypatch):
+        """implementation="pallas" serves every block of a causal ring (the kernels
+        differentiate their lse): outputs and gradients equal one device's.  On a CPU
+        the kernels run through the Pallas interpreter (`pallas.run(call, "cpu")`),
+        which their platform limit would otherwise refuse."""
+        from jattn import dispatch
+
+        pallas = dispatch.BACKENDS["pallas"]
+        monkeypatch.setitem(dispatch.BACKENDS, "pallas", dataclasses.replace(pallas, limits=lambda call, platform: None))
+        q, k, v = inputs(1, 64, 64, 2, 1, 16)
+        want = single_device(q, k, v, is_causal=True, logits_soft_cap=4.0)
+        got = split_call(q, k, v, size=2, layout="contiguous", is_causal=True, logits_soft_cap=4.0,
+                         sequence_strategy="ring", implementation="pallas")
+        assert_close(got, want)
+
     def test_score_mod_leaves_get_the_single_device_gradient():
         """A learned bias table held by a score modifier (a pytree leaf, indexed at global
         positions) is shared by every device: its gradient sums over the ring steps

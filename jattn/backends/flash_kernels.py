@@ -435,7 +435,7 @@ def _forward(q, k, v, q_seg, kv_seg, kv_valid, flex: Flex, spec: FlashSpec):
         pl.BlockSpec((None, bq, None, Hp), lambda i, b, n: (b, i, n, 0)),
         pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i)),
     ]
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)]
+    out_shape = [_out_shape(q.shape, q.dtype, q), _out_shape((B, N, Tp), jnp.float32, q)]
     return pl.pallas_call(
         functools.partial(_forward_kernel, spec=spec),
         grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
@@ -544,12 +544,29 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_s
     dv_ref[...] = dv
 
 
-def _backward(q, k, v, q_seg, kv_seg, kv_valid, flex: Flex, out, lse2, d_out, spec: FlashSpec):
-    """``(dq, dk, dv, dbias [1|B, 1|N, Tp, Sp] | None, d score args)``."""
+def _out_shape(shape, dtype, like) -> jax.ShapeDtypeStruct:
+    """A kernel output's shape, varying over the mesh axes ``like`` varies over inside
+    `jax.shard_map` (which, with its default ``check_vma=True``, asks a pallas_call to
+    say so; e.g. the blocks of `jattn.parallel`'s ring).  Outside shard_map: plain."""
+    manual = getattr(jax.typeof(like), "manual_axis_type", None)
+    if manual is not None:
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
+    vma = getattr(jax.typeof(like), "vma", None)
+    if vma:  # JAX versions that name it vma
+        return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _backward(q, k, v, q_seg, kv_seg, kv_valid, flex: Flex, out, lse2, d_out, spec: FlashSpec, d_lse=None):
+    """``(dq, dk, dv, dbias [1|B, 1|N, Tp, Sp] | None, d score args)``.  A cotangent
+    ``d_lse [B, N, Tp]`` of the (natural-log) lse enters through delta: ∂lse_i/∂s_ij =
+    p_ij, so dS_ij = p_ij (dP_ij - delta_i) with delta_i = dO_i·O_i - dlse_i."""
     B, Tp, N, Hp = q.shape
     Sp, K = k.shape[1], k.shape[2]
     G = N // K
     delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), d_out.astype(jnp.float32))
+    if d_lse is not None:
+        delta = delta - jnp.where(jnp.isneginf(lse2), 0.0, d_lse.astype(jnp.float32))
     # Empty rows: lse₂ = -inf; +inf makes their recomputed p exactly 0.
     lse2 = jnp.where(jnp.isneginf(lse2), jnp.inf, lse2)
     params = _compiler_params(spec)
@@ -560,12 +577,12 @@ def _backward(q, k, v, q_seg, kv_seg, kv_valid, flex: Flex, out, lse2, d_out, sp
     diff_args = [] if spec.score_fn is None else [
         a for a, d in zip(flex.score_args, spec.score_fn.diff_args) if d]
     # Per (q block, example, head) partial gradients of the modifier's float arguments.
-    d_score_shapes = [jax.ShapeDtypeStruct((nq, B, N) + a.shape[1:], jnp.float32) for a in diff_args]
+    d_score_shapes = [_out_shape((nq, B, N) + a.shape[1:], jnp.float32, q) for a in diff_args]
     d_score_specs = [pl.BlockSpec((None, None, None) + a.shape[1:],
                                   lambda i, b, n, r=len(a.shape) - 1: (i, b, n) + (0,) * r) for a in diff_args]
     dbias_shape = dbias_spec = None
     if flex.bias is not None:
-        dbias_shape = jax.ShapeDtypeStruct((B, N, Tp, Sp), jnp.float32)
+        dbias_shape = _out_shape((B, N, Tp, Sp), jnp.float32, q)
         dbias_spec = pl.BlockSpec((None, None, bq, Sp), lambda i, b, n: (b, n, i, 0))
     dq, dbias, d_score = pl.pallas_call(
         functools.partial(_dq_kernel, spec=spec),
@@ -583,7 +600,7 @@ def _backward(q, k, v, q_seg, kv_seg, kv_valid, flex: Flex, out, lse2, d_out, sp
             _flex_specs(dq_flex, dq_flex.tables, rows_outer=True, block=bq, Tp=Tp, Sp=Sp),
         ],
         out_specs=(pl.BlockSpec((None, bq, None, Hp), lambda i, b, n: (b, i, n, 0)), dbias_spec, d_score_specs),
-        out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), dbias_shape, d_score_shapes),
+        out_shape=(_out_shape(q.shape, q.dtype, q), dbias_shape, d_score_shapes),
         compiler_params=params, interpret=spec.interpret, name="jattn_flash_dq",
     )(q, k, v, d_out, lse2, delta, q_seg, kv_seg, kv_valid, dq_flex)
 
@@ -610,7 +627,7 @@ def _backward(q, k, v, q_seg, kv_seg, kv_valid, flex: Flex, out, lse2, d_out, sp
             pl.BlockSpec((None, bk, None, Hp), lambda j, b, n: (b, j, n, 0)),
             pl.BlockSpec((None, bk, None, Hp), lambda j, b, n: (b, j, n, 0)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((B, Sp, N, Hp), jnp.float32)] * 2,
+        out_shape=[_out_shape((B, Sp, N, Hp), jnp.float32, q)] * 2,
         compiler_params=params, interpret=spec.interpret, name="jattn_flash_dkv",
     )(q, k, v, d_out, lse2, delta, q_seg, kv_seg, kv_valid, dkv_flex)
     dk = dk_heads.reshape(B, Sp, K, G, Hp).sum(axis=3).astype(k.dtype)
@@ -654,8 +671,8 @@ def flash_attention(q, k, v, q_seg, kv_seg, kv_valid, flex: Flex, spec: FlashSpe
 
     Returns:
       ``(out [B, Tp, N, Hp], lse [B, N, Tp])``: lse is natural-log, -inf on rows
-      with no visible key (whose output is 0).  Only ``out`` is differentiated, with
-      respect to q, k, v, the bias and the score modifier's float arguments.
+      with no visible key (whose output is 0).  Both are differentiated with respect
+      to q, k, v, the bias and the score modifier's float arguments.
 
     Example:
       >>> import jax.numpy as jnp
@@ -678,9 +695,11 @@ def _flash_fwd(q, k, v, q_seg, kv_seg, kv_valid, flex, spec):
 
 def _flash_bwd(spec, residuals, cotangents):
     q, k, v, q_seg, kv_seg, kv_valid, flex, out, lse2 = residuals
-    d_out, _ = cotangents  # the lse is returned without a gradient, as jax.nn does
+    # The entry point stops the lse's gradient (as jax.nn does); jattn.parallel merges
+    # blocks by their lse and differentiates through it.
+    d_out, d_lse = cotangents
     dq, dk, dv, dbias, d_score = _backward(q, k, v, q_seg, kv_seg, kv_valid, flex, out, lse2,
-                                           d_out.astype(q.dtype), spec)
+                                           d_out.astype(q.dtype), spec, d_lse)
     return dq, dk, dv, None, None, None, _flex_cotangent(flex, spec, dbias, d_score)
 
 

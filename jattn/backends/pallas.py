@@ -53,7 +53,7 @@ DEFAULT_TILES = Tiles()
 
 SUPPORTS = frozenset({
     "causal", "local_window", "query_offset", "query_seq_lengths", "key_value_seq_lengths",
-    "segment_ids", "logits_soft_cap", "return_residual",
+    "segment_ids", "logits_soft_cap", "return_residual", "differentiable_residual",
     "bias", "mask_mod", "score_mod", "dropout",
     # Dropout at a global (example, head) origin: a slice of a call sharded over batch /
     # heads (jattn.backends.per_device); not a row / key origin (see _dropout_seeds).
@@ -241,6 +241,8 @@ def run(call: AttentionCall, platform: str, *, tiles: Tiles = DEFAULT_TILES, int
         has_row = (jnp.arange(T)[None, :] < call.query_seq_lengths[:, None])[:, :, None]
         out = jnp.where(has_row[..., None], out, 0).astype(out.dtype)
         lse = jnp.where(has_row, lse, -jnp.inf)
+    if call.return_residual and not call.differentiable_residual:
+        lse = jax.lax.stop_gradient(lse)
     return out, None, (lse if call.return_residual else None)
 
 
