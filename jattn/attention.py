@@ -60,8 +60,8 @@ def dot_product_attention(query: Array, key: Array, value: Array, bias: Array | 
     """
     call = _validated("dot_product_attention", query, key, value, bias, mask, options)
     platform = dispatch.current_platform()
-    if parallel_split.is_split(call):  # a sequence split over a mesh axis
-        out, weights, lse = parallel_split.run(call, platform)
+    if (split := parallel_split.find_split(call)) is not None:  # a sequence split over a mesh axis
+        out, weights, lse = parallel_split.run(call, split, platform)
     else:
         choice = dispatch.choose(call, platform)
         # A per-device backend (a fused kernel) on sharded inputs runs in jax.shard_map.
@@ -112,8 +112,8 @@ def explain(query, key, value, bias=None, mask=None, *, platform: str | None = N
 
 
 def _choose(call: AttentionCall, platform: str) -> dispatch.Explanation:
-    if parallel_split.is_split(call):
-        return parallel_split.explain(call, platform)
+    if (split := parallel_split.find_split(call)) is not None:
+        return parallel_split.explain(call, split, platform)
     return dispatch.choose(call, platform)
 
 

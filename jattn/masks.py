@@ -111,6 +111,16 @@ class Mask(IndexFunction):
         return Not(self)
 
 
+def per_example_block_kinds(mask: Mask, mask_axes, num_q: int, num_kv: int, block_q: int, block_kv: int):
+    """``[B or 1, n_q blocks, n_kv blocks]`` kinds of each example of a mask sliced by
+    `batch_in_axes` (``mask_axes``: 0 on leaves with a batch axis).  A mask no leaf of
+    which varies per example is classified once (leading axis 1; NumPy when its
+    structure is static), else `jax.vmap` over the examples."""
+    if not any(axis == 0 for axis in jax.tree_util.tree_leaves(mask_axes)):
+        return mask.block_kinds(num_q, num_kv, block_q, block_kv)[None]
+    return jax.vmap(lambda m: m.block_kinds(num_q, num_kv, block_q, block_kv), in_axes=(mask_axes,))(mask)
+
+
 def as_mask(value: Any) -> Mask:
     """A Mask from a Mask, a ``mask_mod(q_idx, kv_idx)`` callable or a bool array."""
     if isinstance(value, Mask):

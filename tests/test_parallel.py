@@ -202,6 +202,29 @@ else:
                          sequence_strategy="ring", implementation="pallas")
         assert_close(got, want)
 
+    def test_composes_with_jax_transformations():
+        """The ring and the all-gather under grad of jit, `jax.checkpoint` inside a
+        `lax.scan` over two layers and `jax.vmap` over an extra leading axis, with
+        rank promotion "raise" and strict dtype promotion: the one-device values and
+        gradients."""
+        q, k, v = inputs(2, 16, 16, 2, 1, 4)
+
+        def layers(q, k, v, **kw):
+            def body(x, _):
+                return x + jattn.dot_product_attention(x, k, v, is_causal=True, **kw), None
+            return jax.lax.scan(jax.checkpoint(body), q, None, length=2)[0]
+
+        def batched(q, k, v, **kw):  # vmap over a leading axis of 2 copies (the second scaled)
+            stack = lambda x: jnp.stack([x, 0.5 * x])
+            return jax.vmap(lambda q, k, v: layers(q, k, v, **kw))(stack(q), stack(k), stack(v)).sum(0)
+
+        want = out_and_grads(lambda q, k, v: batched(q, k, v, implementation="dense"), q, k, v)
+        for strategy in ("ring", "all_gather"):
+            with jax.set_mesh(mesh_of(4)), jax.numpy_rank_promotion("raise"), jax.numpy_dtype_promotion("strict"):
+                got = out_and_grads(lambda q, k, v: batched(q, k, v, sequence_axis="seq",
+                                                            sequence_strategy=strategy), q, k, v)
+            assert_close(got, want)
+
     def test_score_mod_leaves_get_the_single_device_gradient():
         """A learned bias table held by a score modifier (a pytree leaf, indexed at global
         positions) is shared by every device: its gradient sums over the ring steps
@@ -220,7 +243,12 @@ else:
         assert float(jnp.abs(want).max()) > 0
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
-    def _compiled_text(fn, *args):
+    def _compiled_text(fn, *args, mesh):
+        """The compiled program of ``fn`` on ``args`` split along T over ``mesh``'s
+        "seq" axis (as a context-parallel model holds them: the result stays split, so
+        nothing is gathered back)."""
+        split = NamedSharding(mesh, P(None, "seq"))
+        args = [jax.device_put(x, split) for x in args]
         return jax.jit(fn).lower(*args).compile().as_text()
 
     def _count(op: str, text: str) -> int:
@@ -236,8 +264,8 @@ else:
         kw = dict(is_causal=True, local_window_size=window, sequence_axis="seq", sequence_strategy="ring")
         call = make_call(q, k, v, is_causal=True, local_window_size=window)
         assert len(ring.steps(blocks.static_of(call, "seq", 8, "cpu", 32, 32))) == steps
-        with jax.set_mesh(mesh_of(8)):
-            text = _compiled_text(lambda q, k, v: jattn.dot_product_attention(q, k, v, **kw), q, k, v)
+        with jax.set_mesh(mesh := mesh_of(8)):
+            text = _compiled_text(lambda q, k, v: jattn.dot_product_attention(q, k, v, **kw), q, k, v, mesh=mesh)
         sends = re.findall(r"= f32\[([\d,]+)\][^\n]* collective-permute(?:-start)?\(.*source_target_pairs=\{([^\n]*?)\}\}.*op_name=\"([^\"]*)\"", text)
         assert len(sends) == 2, sends
         # The bytes docs/scaling.md's model counts per step are what the program sends.
@@ -253,9 +281,9 @@ else:
 
     def test_all_gather_gathers_only_keys_and_values():
         q, k, v = inputs(1, 32, 32, 4, 1, 4)
-        with jax.set_mesh(mesh_of(8)):
+        with jax.set_mesh(mesh := mesh_of(8)):
             text = _compiled_text(lambda q, k, v: jattn.dot_product_attention(
-                q, k, v, is_causal=True, sequence_axis="seq", sequence_strategy="all_gather"), q, k, v)
+                q, k, v, is_causal=True, sequence_axis="seq", sequence_strategy="all_gather"), q, k, v, mesh=mesh)
         gathered = re.findall(r"(\S+) all-gather(?:-start)?\(", text)
         assert gathered, "expected an all-gather of K/V"
         assert all("f32[1,32,1,4]" in shape for shape in gathered), gathered  # K/V [B, S, K, H], never q

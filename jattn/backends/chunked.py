@@ -184,10 +184,7 @@ def _block_table(call, mask, mask_axes, dense_mask, num_q_blocks, num_kv_blocks,
         if mask.is_static():
             kinds = mask.block_kinds(s["T"], s["S"], bq, bk)
         else:
-            if any(axis == 0 for axis in jax.tree_util.tree_leaves(mask_axes)):
-                per_example = jax.vmap(lambda m: m.block_kinds(s["T"], s["S"], bq, bk), in_axes=(mask_axes,))(mask)
-            else:  # traced but shared by the batch (a traced scalar offset, say)
-                per_example = mask.block_kinds(s["T"], s["S"], bq, bk)[None]
+            per_example = masks_lib.per_example_block_kinds(mask, mask_axes, s["T"], s["S"], bq, bk)
             per_example = jnp.broadcast_to(per_example, (s["B"], num_q_blocks, num_kv_blocks))
             empty = jnp.all(per_example == masks_lib.EMPTY, axis=0)
             full = jnp.all(per_example == masks_lib.FULL, axis=0)

@@ -178,10 +178,8 @@ def tile_table(mask, mask_axes, batch: int, num_q: int, num_kv: int, block_q: in
     EMPTY; a tile holding padded keys is at most PARTIAL (the kernel masks them)."""
     if mask is None:
         kinds = np.full((1, -(-num_q // block_q), -(-num_kv // block_kv)), masks_lib.FULL, np.int8)
-    elif not jax.tree_util.tree_leaves(mask_axes):  # shared by the batch: NumPy if static
-        kinds = mask.block_kinds(num_q, num_kv, block_q, block_kv)[None]
-    else:
-        kinds = jax.vmap(lambda m: m.block_kinds(num_q, num_kv, block_q, block_kv), in_axes=(mask_axes,))(mask)
+    else:  # NumPy when the mask is static and shared by the batch
+        kinds = masks_lib.per_example_block_kinds(mask, mask_axes, num_q, num_kv, block_q, block_kv)
     xp = np if isinstance(kinds, np.ndarray) else jnp
     kinds = xp.broadcast_to(kinds, (batch,) + kinds.shape[1:])
     if num_kv % block_kv:

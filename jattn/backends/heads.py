@@ -63,21 +63,15 @@ def pad_axis(x: Array, axis: int, to: int, value=0) -> Array:
     return jnp.pad(x, pads, constant_values=value)
 
 
-def sharded_spec(x):
-    """The PartitionSpec of ``x`` under an explicit-axis mesh when some axis is split
-    over more than one device, else None.  (A Pallas call has no partitioning rule, so
-    `jattn.backends.per_device` runs the kernel backends in `jax.shard_map` on such
-    inputs.)"""
+def mesh_spec(x):
+    """``(spec, mesh)`` of ``x`` under an explicit-axis mesh — ``spec`` a full-rank
+    tuple of mesh-axis entries (a name, a tuple of names, or None) — else None.  What
+    `jattn.backends.per_device` and `jattn.parallel` read to see how inputs are split."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
-    if spec is None or mesh is None:
+    if spec is None or mesh is None or not mesh.shape:
         return None
-    sizes = dict(mesh.shape)
-    for entry in spec:
-        names = entry if isinstance(entry, tuple) else (entry,)
-        if any(name is not None and sizes.get(name, 1) > 1 for name in names):
-            return spec
-    return None
+    return tuple(spec) + (None,) * (x.ndim - len(spec)), mesh
 
 
 def batch_leaves_sharded_like(tree, in_axes, ref: Array):

@@ -50,6 +50,7 @@ import math
 import jax
 from jax.sharding import PartitionSpec as P
 
+from jattn.backends import heads as H
 from jattn.call import AttentionCall
 
 # The fields whose arrays `_operand_specs` knows how to slice; any other field that
@@ -80,22 +81,13 @@ class Layout:
         return ", ".join(filter(None, parts))
 
 
-def _spec(x):
-    """``(full-rank spec, mesh)`` of ``x`` under an explicit-axis mesh, else None."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
-    if spec is None or mesh is None or not mesh.shape:
-        return None
-    return tuple(spec) + (None,) * (x.ndim - len(spec)), mesh
-
-
 def _splits(mesh, entry) -> bool:
     names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
     return any(dict(mesh.shape).get(n, 1) > 1 for n in names)
 
 
 def _plan(call: AttentionCall, supports: frozenset) -> tuple[Layout | None, str | None]:
-    found = {name: _spec(getattr(call, name)) for name in ("query", "key", "value")}
+    found = {name: H.mesh_spec(getattr(call, name)) for name in ("query", "key", "value")}
     if not any(f is not None and any(_splits(f[1], e) for e in f[0]) for f in found.values()):
         return None, None  # nothing split: the backend runs as it is
     mesh = next(f[1] for f in found.values() if f is not None)
@@ -210,7 +202,7 @@ def run(backend, call: AttentionCall, platform: str):
         for x, spec in pairs:
             if spec is not None:
                 # Replicated operands (or ones split as wanted) are sliced locally.
-                current = _spec(x)
+                current = H.mesh_spec(x)
                 if current is None or P(*current[0]) != P(*spec, *(None,) * (x.ndim - len(spec))):
                     x = jax.sharding.reshard(x, spec)
                 arrays.append(x)

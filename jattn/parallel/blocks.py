@@ -24,6 +24,7 @@ support serve them), PARTIAL ones keep it.  Pieces are merged by their log-sum-e
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -141,6 +142,7 @@ def _band_kinds(call, int_offset, num_q, num_kv, chunk_q, chunk_kv) -> np.ndarra
     return np.asarray(band.block_kinds(num_q, num_kv, chunk_q, chunk_kv), np.int8)
 
 
+@functools.cache
 def ring_table(st: Static) -> np.ndarray:
     """``[P devices, P steps, c, c]`` kinds: at ring step s device p holds the keys of
     device ``(p - s) mod P``; entry ``[p, s, a, b]`` is the kind of its query chunk a

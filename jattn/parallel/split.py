@@ -34,6 +34,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from jattn import dispatch
+from jattn.backends.heads import mesh_spec
 from jattn.call import AttentionCall
 from jattn.parallel import all_gather, blocks, ring
 from jattn.parallel.blocks import PARTIAL, Static
@@ -58,8 +59,8 @@ def find_split(call: AttentionCall) -> Split | None:
     mesh = jax.sharding.get_abstract_mesh()
     axis = call.sequence_axis
     if axis is None:
-        spec = _spec(call.query)
-        entry = None if spec is None else spec[1]
+        found = mesh_spec(call.query)
+        entry = None if found is None else found[0][1]
         if entry is None:
             return None
         names = entry if isinstance(entry, tuple) else (entry,)
@@ -68,8 +69,7 @@ def find_split(call: AttentionCall) -> Split | None:
                 f"query: its sequence axis is sharded over several mesh axes {names}; jattn "
                 f"splits a sequence over one (give sequence_axis=)"
             )
-        axis = names[0]
-        mesh = jax.typeof(call.query).sharding.mesh
+        axis, mesh = names[0], found[1]
     if mesh.empty or axis not in mesh.axis_names:
         where = "no mesh is set" if mesh.empty else f"the mesh has axes {tuple(mesh.axis_names)}"
         raise ValueError(
@@ -78,11 +78,6 @@ def find_split(call: AttentionCall) -> Split | None:
         )
     manual = mesh.axis_types[mesh.axis_names.index(axis)] == jax.sharding.AxisType.Manual
     return Split(axis=axis, size=int(dict(mesh.shape)[axis]), mode="local" if manual else "global")
-
-
-def _spec(x):
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    return getattr(sharding, "spec", None)
 
 
 def _check(call: AttentionCall, split: Split) -> tuple[int, int]:
@@ -143,13 +138,9 @@ def choose_strategy(call: AttentionCall, st: Static) -> tuple[str, str]:
     )
 
 
-def is_split(call: AttentionCall) -> bool:
-    return find_split(call) is not None
-
-
-def explain(call: AttentionCall, platform: str) -> dispatch.Explanation:
-    """Which strategy and which per-block backend serve a split call, and why."""
-    split = find_split(call)
+def explain(call: AttentionCall, split: Split, platform: str) -> dispatch.Explanation:
+    """Which strategy and which per-block backend serve a split call (``split`` from
+    `find_split`), and why."""
     num_q, num_kv = _check(call, split)
     st = blocks.static_of(call, split.axis, split.size, platform, num_q, num_kv)
     strategy, why = choose_strategy(call, st)
@@ -185,9 +176,9 @@ def _representative_choice(call: AttentionCall, st: Static, platform: str) -> di
     return chosen[0]
 
 
-def run(call: AttentionCall, platform: str):
-    """``(out [B, T, N, Hv], weights | None, lse [B, T, N] | None)`` of a split call."""
-    split = find_split(call)
+def run(call: AttentionCall, split: Split, platform: str):
+    """``(out [B, T, N, Hv], weights | None, lse [B, T, N] | None)`` of a split call
+    (``split`` from `find_split`)."""
     num_q, num_kv = _check(call, split)
     st = blocks.static_of(call, split.axis, split.size, platform, num_q, num_kv)
     strategy, _ = choose_strategy(call, st)
@@ -199,25 +190,14 @@ def run(call: AttentionCall, platform: str):
 
 def _run_global(call: AttentionCall, st: Static, module):
     """Split global arrays over ``st.axis`` and run ``module`` in `jax.shard_map`."""
-    spec = _spec(call.query) or P()
-    batch = spec[0] if len(spec) > 0 else None
-    heads = spec[2] if len(spec) > 2 else None
+    found = mesh_spec(call.query)
+    batch, _, heads, _ = found[0] if found else (None,) * 4
     q_spec = P(batch, st.axis, heads, None)
-    B, N = call.shape["B"], call.shape["N"]
-
-    def per_example(x, *rest):
-        return None if x is None else P(batch, *rest)
-
     ops = blocks.operands_of(call, None)
-    reshard = lambda x, s: None if x is None else jax.sharding.reshard(x, s)
-    ops = ops._replace(
-        q=reshard(ops.q, q_spec), k=reshard(ops.k, q_spec), v=reshard(ops.v, q_spec),
-        q_segments=reshard(ops.q_segments, P(batch, st.axis)),
-        kv_segments=reshard(ops.kv_segments, P(batch, st.axis)),
-    )
     mask, mask_specs = _leaf_specs(call.user_mask, call, batch)
     score_mod, score_mod_specs = _leaf_specs(call.user_score_mod, call, batch)
     ops = ops._replace(mask=mask, score_mod=score_mod)
+    per_example = lambda x, *rest: None if x is None else P(batch, *rest)
     specs = blocks.Operands(
         q=q_spec, k=q_spec, v=q_spec,
         q_segments=per_example(ops.q_segments, st.axis), kv_segments=per_example(ops.kv_segments, st.axis),
@@ -226,53 +206,36 @@ def _run_global(call: AttentionCall, st: Static, module):
         mask=mask_specs, score_mod=score_mod_specs,
         rng=None if ops.rng is None else P(), origin=None,
     )
-    ops = ops._replace(**{name: _resharded(getattr(ops, name), getattr(specs, name))
-                          for name in ("q_lengths", "kv_lengths", "offset", "rng")})
-    weights_spec = P(batch, heads, st.axis, None)
-    out_specs = (q_spec, weights_spec if call.return_weights else None, P(batch, st.axis, heads))
+    # Every operand laid out as its spec says (the sequence split over the axis;
+    # replicated operands sliced locally).
+    ops = jax.tree_util.tree_map(lambda x, spec: x if x is None else jax.sharding.reshard(x, spec),
+                                 ops, specs, is_leaf=lambda x: x is None)
+    out_specs = (q_spec, P(batch, heads, st.axis, None) if call.return_weights else None,
+                 P(batch, st.axis, heads))
 
     def local(ops):
-        b0 = _shard_index(batch) * (B // _axes_size(batch))
-        n0 = _shard_index(heads) * (N // _axes_size(heads))
-        ops = ops._replace(origin=jnp.stack([b0, n0]).astype(jnp.int32))
+        # The global (example, head) index of this shard's first, for dropout.
+        origin = [0 if entry is None else lax.axis_index(entry) * size
+                  for entry, size in ((batch, ops.q.shape[0]), (heads, ops.q.shape[2]))]
+        ops = ops._replace(origin=jnp.asarray(origin, jnp.int32))
         return module.run(st, ops, call.return_weights)
 
-    return jax.shard_map(local, in_specs=(specs,), out_specs=out_specs)(ops)
-
-
-def _resharded(x, spec):
-    return None if x is None else jax.sharding.reshard(x, spec)
+    out, weights, lse = jax.shard_map(local, in_specs=(specs,), out_specs=out_specs)(ops)
+    # Returned laid out like the query came in (a no-op when its sequence was already
+    # split over the axis), so that e.g. a scan carry keeps its type.
+    qb, qt, qn, _ = found[0] if found else (None,) * 4
+    back = lambda x, spec: None if x is None else jax.sharding.reshard(x, spec)
+    return back(out, P(qb, qt, qn, None)), back(weights, P(qb, qn, qt, None)), back(lse, P(qb, qt, qn))
 
 
 def _leaf_specs(obj, call: AttentionCall, batch):
-    """A mask / score-mod object with its leaves laid out for shard_map, and the specs:
-    per-example leaves (a leading batch axis) split like the batch, the others
-    replicated."""
+    """A mask / score-mod object (its leaves as `batch_in_axes` leaves them) and the
+    specs of its leaves: per-example leaves (a leading batch axis) split like the
+    batch, the others replicated."""
     if obj is None:
         return None, None
     s = call.shape
     obj, axes = obj.batch_in_axes(s["B"], s["T"], s["S"])
-    spec_of = lambda axis: P(batch) if axis == 0 else P()
-    is_none = lambda a: a is None
-    specs = jax.tree_util.tree_map(lambda a, x: None if x is None else spec_of(a), axes, obj, is_leaf=is_none)
-    laid_out = jax.tree_util.tree_map(
-        lambda a, x: None if x is None else jax.sharding.reshard(x, spec_of(a)), axes, obj, is_leaf=is_none)
-    return laid_out, specs
-
-
-def _axes_names(entry) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return entry if isinstance(entry, tuple) else (entry,)
-
-
-def _axes_size(entry) -> int:
-    return int(np.prod([lax.axis_size(name) for name in _axes_names(entry)] or [1]))
-
-
-def _shard_index(entry):
-    """This device's linear index over the mesh axes of one array dimension."""
-    index = jnp.zeros((), jnp.int32)
-    for name in _axes_names(entry):
-        index = index * lax.axis_size(name) + lax.axis_index(name)
-    return index
+    specs = jax.tree_util.tree_map(lambda a, x: None if x is None else (P(batch) if a == 0 else P()),
+                                   axes, obj, is_leaf=lambda a: a is None)
+    return obj, specs
