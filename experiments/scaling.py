@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         print(f"| {length} | " + " | ".join(cells) + " |", flush=True)
     if verdict is not None:
         ok = verdict[0] <= verdict[1]
-        print(f"\nT=32768, P=8: {verdict[0]:.3f} of one device; target <= {verdict[1]:.3f}: "
+        print(f"\nT=32768, P=8: {verdict[0]:.4f} of one device; target <= {verdict[1]:.4f}: "
               f"{'met' if ok else 'NOT met'}")
     return 0
 

@@ -279,6 +279,14 @@ else:
         assert re.findall(r"s32\[\] constant\((\d+)\)", body) == [str(steps - 1)], body
         assert _count("all-gather", text) == 0
 
+    @pytest.mark.xla_optimized  # memory as a user's program compiles
+    def test_per_device_memory_is_at_most_one_and_a_half_shares():
+        """The target docs/scaling.md records: XLA's memory analysis of a causal
+        forward+backward at T = 32k split over 8 devices (zig-zag ring) is at most 1.5/8
+        of the one-device chunked program's (arguments + outputs + temporaries)."""
+        one, split = scaling.per_device_bytes(32768, 1), scaling.per_device_bytes(32768, 8)
+        assert split <= 1.5 / 8 * one, f"{split / 2**20:.1f} MiB per device = {split / one:.4f} of one device"
+
     def test_all_gather_gathers_only_keys_and_values():
         q, k, v = inputs(1, 32, 32, 4, 1, 4)
         with jax.set_mesh(mesh := mesh_of(8)):

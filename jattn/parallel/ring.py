@@ -11,13 +11,17 @@ log-sum-exp.  Runs inside `jax.shard_map` (the axis is bound).
 Steps that every device's band empties are skipped, and the ring stops after the last
 step some device needs (a sliding window needs few): the forward pass sends ``last``
 K/V blocks (P - 1 without a window).  A step a band empties on *some* devices only is
-skipped there with `jax.lax.switch` on the device's kind.
+skipped there with `jax.lax.switch` on the device's kind.  The pieces of a step run
+one after another in a `lax.fori_loop` (`_each_piece`).
 
-The custom VJP's backward walks the same ring: it recomputes each piece with
-`jax.vjp` (any backend whose log-sum-exp carries gradients), turns the merged
-cotangent into the piece's (`blocks.piece_cotangents`), and sends the dK/dV
-accumulators around with the K/V blocks; after the last step one more ppermute
-brings each block's dK/dV home.  Its memory is a few blocks, not the whole sequence.
+The custom VJP's backward walks the same ring in one loop (`_walk_in_one_loop`): it
+recomputes each piece with `jax.vjp` (any backend whose log-sum-exp carries
+gradients), turns the merged cotangent into the piece's (`blocks.piece_cotangents`),
+and sends the dK/dV accumulators around with the K/V blocks, which come home after
+P sends (a ring cut short by a window sends them home with one more ppermute).  Its
+memory is a few blocks, not the whole sequence: docs/scaling.md has the measured
+figures and why the loops are shaped as they are (XLA's CPU scheduler places any work
+that needs only the inputs at the start of the program).
 """
 
 from __future__ import annotations
@@ -48,50 +52,76 @@ def _ppermute(tree, st: Static, shift: int):
     return jax.tree_util.tree_map(lambda x: lax.ppermute(x, st.axis, perm), tree)
 
 
-def _pieces(st: Static, step_values: list[int], s, device, like):
-    """The pieces of one ring step: ``(a, b, run)`` for each (query chunk a, key chunk
-    b) that some device computes at some step in ``step_values`` (the static values
-    ``s`` may take: one Python int, or the steps a `lax.scan` walks with ``s`` traced).
-    ``run(fn)`` calls ``fn(kind, delta, q_chunk, kv_chunk)`` with this device's
-    values: Python ints where they are the same for every device and step it covers
-    (static offsets serve more backends), else traced; a `lax.switch` picks the kind
-    when devices or steps differ."""
+def _each_piece(st: Static, step_values: list[int], s, device, like, carry, compute, fold):
+    """Apply every piece of one ring step: for each (query chunk a, key chunk b) that
+    some device computes at some step in ``step_values`` (the static values ``s`` may
+    take: one Python int, or the steps a `lax.scan` walks with ``s`` traced),
+    ``carry = fold(carry, a, b, compute(kind, delta, q_chunk, kv_chunk, a, b))``.
+
+    ``compute`` gets this device's values: Python ints where they are the same for
+    every device, step and piece its kind covers (static offsets serve more backends),
+    else traced; a `lax.switch` picks the kind when they differ.  Several pieces run
+    one after another in a `lax.fori_loop` (``a``, ``b`` traced): a piece's slices,
+    tile copies and zero accumulators exist only inside the loop body, so XLA holds
+    one piece's at a time instead of laying out every piece of the step at once."""
     table = blocks.ring_table(st)  # [P devices, P steps, c, c]
     chunks, P = st.device_chunks(), st.size
     source = (np.arange(P)[:, None] - np.arange(P)[None, :]) % P  # [device, step] -> device
-    for a in range(st.chunks):
-        for b in range(st.chunks):
-            kinds = table[:, :, a, b]
-            covered = kinds[:, step_values]
-            if (covered == EMPTY).all():
-                continue
-            q_ids = np.broadcast_to(chunks[:, a][:, None], (P, P))
-            kv_ids = chunks[source, b]
-            deltas = q_ids * st.chunk_q - kv_ids * st.chunk_kv
-            present = sorted(set(covered.ravel().tolist()))
+    pairs = [(a, b) for a in range(st.chunks) for b in range(st.chunks)
+             if not (table[:, step_values, a, b] == EMPTY).all()]
+    if not pairs:
+        return carry
+    # [device, step, piece] tables
+    kinds = np.stack([table[:, :, a, b] for a, b in pairs], axis=-1)
+    q_ids = np.stack([np.broadcast_to(chunks[:, a][:, None], (P, P)) for a, _ in pairs], axis=-1)
+    kv_ids = np.stack([chunks[source, b] for _, b in pairs], axis=-1)
+    deltas = q_ids * st.chunk_q - kv_ids * st.chunk_kv
+    covered = kinds[:, step_values]
+    present = sorted(set(covered.ravel().tolist()))
+    ab = np.array(pairs, np.int32)
 
-            def run(fn, kinds=kinds, covered=covered, q_ids=q_ids, kv_ids=kv_ids, deltas=deltas, present=present):
-                def pick(values, on):
-                    chosen = values[:, step_values][on]
-                    if (chosen == chosen[0]).all():
-                        return int(chosen[0])
-                    return jnp.asarray(values, jnp.int32)[device, s]
+    def one(i, carry):
+        def pick(values, on):
+            chosen = values[:, step_values][on]
+            if (chosen == chosen[0]).all():
+                return int(chosen[0])
+            return jnp.asarray(values, jnp.int32)[device, s, i]
 
-                def branch(kind):
-                    on = covered == kind  # the (device, step) pairs that take this branch
-                    return lambda: varying_like(fn(kind, pick(deltas, on), pick(q_ids, on), pick(kv_ids, on)), like)
+        def branch(kind):
+            on = covered == kind  # the (device, step, piece) triples that take this branch
+            return lambda: varying_like(
+                compute(kind, pick(deltas, on), pick(q_ids, on), pick(kv_ids, on), a, b), like)
 
-                if len(present) == 1:
-                    return branch(present[0])()
-                index = jnp.asarray(np.searchsorted(present, kinds), jnp.int32)[device, s]
-                return lax.switch(index, [branch(kind) for kind in present])
+        if isinstance(i, int):
+            a, b = int(ab[i, 0]), int(ab[i, 1])
+        else:
+            a, b = jnp.asarray(ab)[i, 0], jnp.asarray(ab)[i, 1]
+        if len(present) == 1:
+            result = branch(present[0])()
+        else:
+            index = jnp.asarray(np.searchsorted(present, kinds), jnp.int32)[device, s, i]
+            result = lax.switch(index, [branch(kind) for kind in present])
+        return fold(carry, a, b, result)
 
-            yield a, b, run
+    if len(pairs) == 1:
+        return one(0, carry)
+    return lax.fori_loop(0, len(pairs), one, carry)
 
 
-def _slices(length: int, chunks: int) -> list[slice]:
-    size = length // chunks
-    return [slice(i * size, (i + 1) * size) for i in range(chunks)]
+def _chunk(x, index, size: int):
+    """``x[:, index·size : (index+1)·size]`` (``index`` a Python int or traced)."""
+    if x is None:
+        return None
+    if isinstance(index, int):
+        return x[:, index * size:(index + 1) * size]
+    return lax.dynamic_slice_in_dim(x, index * size, size, axis=1)
+
+
+def _add_chunk(total, index, size: int, value):
+    """``total[:, index·size : (index+1)·size] += value``, in place on a loop carry."""
+    start = index * size
+    current = lax.dynamic_slice_in_dim(total, start, size, axis=1)
+    return lax.dynamic_update_slice_in_dim(total, current + value.astype(total.dtype), start, axis=1)
 
 
 def _walk(st: Static, carry, step):
@@ -111,37 +141,60 @@ def _walk(st: Static, carry, step):
     return carry
 
 
+def _walk_in_one_loop(st: Static, carry, step):
+    """Run ``step(carry, s, step_values)`` for every step 0 .. last inside one
+    `lax.scan`, each followed by a ppermute of the travelling part ``carry[0]`` (which
+    has then moved ``last + 1`` times).  Nothing is peeled out of the loop, so nothing
+    of it can be scheduled before the loop's operands exist: the backward pass uses it
+    because XLA's CPU scheduler places a peeled step's zero accumulators and tile
+    copies (which need only the inputs) at the start of the program, where they stay
+    alive through the whole forward pass."""
+    last = max(steps(st))
+
+    def body(carry, s):
+        travelling, rest = step(carry, s, list(range(last + 1)))
+        return (_ppermute(travelling, st, 1), rest), None
+
+    carry, _ = lax.scan(body, carry, jnp.arange(last + 1, dtype=jnp.int32))
+    return carry
+
+
 def _forward(st: Static, ops: Operands):
     """``(out [B, Tl, N, Hv] float32, lse [B, Tl, N] float32)`` of this device's queries."""
     device = lax.axis_index(st.axis)
-    rows, cols = _slices(ops.q.shape[1], st.chunks), _slices(ops.k.shape[1], st.chunks)
+    Tc, Sc = ops.q.shape[1] // st.chunks, ops.k.shape[1] // st.chunks
     Hv = ops.v.shape[-1]
-    acc = [varying_like(blocks.empty_piece(ops.q[:, r], Hv), ops.q) for r in rows]
+    acc = varying_like(blocks.empty_piece(ops.q, Hv), ops.q)
 
     def step(carry, s, step_values):
         (k, v, kv_segments), acc = carry
-        acc = list(acc)
-        for a, b, run in _pieces(st, step_values, s, device, ops.q):
-            def piece(kind, delta, q_chunk, kv_chunk, a=a, b=b):
-                if kind == EMPTY:
-                    return blocks.empty_piece(ops.q[:, rows[a]], Hv)
-                call = blocks.piece_call(
-                    st, ops, q_chunk, kv_chunk, kind, delta, ops.q[:, rows[a]], k[:, cols[b]], v[:, cols[b]],
-                    None if ops.q_segments is None else ops.q_segments[:, rows[a]],
-                    None if kv_segments is None else kv_segments[:, cols[b]], ops.score_mod,
-                )
-                return blocks.run_piece(call, st.platform)
-            acc[a] = blocks.merge(acc[a], run(piece))
-        return (k, v, kv_segments), acc
 
-    _, acc = _walk(st, ((ops.k, ops.v, ops.kv_segments), acc), step)
-    return jnp.concatenate([o for o, _ in acc], axis=1), jnp.concatenate([l for _, l in acc], axis=1)
+        def compute(kind, delta, q_chunk, kv_chunk, a, b):
+            q_a = _chunk(ops.q, a, Tc)
+            if kind == EMPTY:
+                return blocks.empty_piece(q_a, Hv)
+            call = blocks.piece_call(
+                st, ops, q_chunk, kv_chunk, kind, delta, q_a, _chunk(k, b, Sc), _chunk(v, b, Sc),
+                _chunk(ops.q_segments, a, Tc), _chunk(kv_segments, b, Sc), ops.score_mod,
+            )
+            return blocks.run_piece(call, st.platform)
+
+        def fold(acc, a, b, piece):
+            o, l = acc
+            o_a, l_a = blocks.merge((_chunk(o, a, Tc), _chunk(l, a, Tc)), piece)
+            return (lax.dynamic_update_slice_in_dim(o, o_a, a * Tc, axis=1),
+                    lax.dynamic_update_slice_in_dim(l, l_a, a * Tc, axis=1))
+
+        return (k, v, kv_segments), _each_piece(st, step_values, s, device, ops.q, acc, compute, fold)
+
+    _, (out, lse) = _walk(st, ((ops.k, ops.v, ops.kv_segments), acc), step)
+    return out, lse
 
 
 def _backward(st: Static, ops: Operands, out, lse, d_out):
     """The cotangent of `Operands`: dQ, dK, dV and the score modifier's float leaves."""
     device = lax.axis_index(st.axis)
-    rows, cols = _slices(ops.q.shape[1], st.chunks), _slices(ops.k.shape[1], st.chunks)
+    Tc, Sc = ops.q.shape[1] // st.chunks, ops.k.shape[1] // st.chunks
     d_out = d_out.astype(jnp.float32)
     shared_leaves, rebuild = split_differentiable(ops.score_mod)
     # Leaves the devices share are made varying before jax.vjp, so their cotangents
@@ -152,39 +205,39 @@ def _backward(st: Static, ops: Operands, out, lse, d_out):
 
     def step(carry, s, step_values):
         (k, v, kv_segments, d_k, d_v), (d_q, d_sm) = carry
-        for a, b, run in _pieces(st, step_values, s, device, ops.q):
-            q_a, k_b, v_b = ops.q[:, rows[a]], k[:, cols[b]], v[:, cols[b]]
-            q_seg = None if ops.q_segments is None else ops.q_segments[:, rows[a]]
-            kv_seg = None if kv_segments is None else kv_segments[:, cols[b]]
 
-            def piece(kind, delta, q_chunk, kv_chunk, q_a=q_a, k_b=k_b, v_b=v_b, q_seg=q_seg, kv_seg=kv_seg, a=a):
-                if kind == EMPTY:
-                    return f32_zeros(q_a), f32_zeros(k_b), f32_zeros(v_b), [f32_zeros(x) for x in sm_leaves]
+        def compute(kind, delta, q_chunk, kv_chunk, a, b):
+            q_a, k_b, v_b = _chunk(ops.q, a, Tc), _chunk(k, b, Sc), _chunk(v, b, Sc)
+            if kind == EMPTY:
+                return f32_zeros(q_a), f32_zeros(k_b), f32_zeros(v_b), [f32_zeros(x) for x in sm_leaves]
+            q_seg, kv_seg = _chunk(ops.q_segments, a, Tc), _chunk(kv_segments, b, Sc)
 
-                def attend(q_, k_, v_, leaves):
-                    call = blocks.piece_call(st, ops, q_chunk, kv_chunk, kind, delta, q_, k_, v_,
-                                             q_seg, kv_seg, rebuild(leaves))
-                    return blocks.run_piece(call, st.platform)
+            def attend(q_, k_, v_, leaves):
+                call = blocks.piece_call(st, ops, q_chunk, kv_chunk, kind, delta, q_, k_, v_,
+                                         q_seg, kv_seg, rebuild(leaves))
+                return blocks.run_piece(call, st.platform)
 
-                (out_p, lse_p), vjp = jax.vjp(attend, q_a, k_b, v_b, sm_leaves)
-                cotangents = blocks.piece_cotangents(out_p, lse_p, out[:, rows[a]], lse[:, rows[a]], d_out[:, rows[a]])
-                dq, dk, dv, dsm = vjp(cotangents)
-                f32 = lambda x: x.astype(jnp.float32)
-                return f32(dq), f32(dk), f32(dv), [f32(x) for x in dsm]
+            (out_p, lse_p), vjp = jax.vjp(attend, q_a, k_b, v_b, sm_leaves)
+            cotangents = blocks.piece_cotangents(out_p, lse_p, _chunk(out, a, Tc), _chunk(lse, a, Tc),
+                                                 _chunk(d_out, a, Tc))
+            dq, dk, dv, dsm = vjp(cotangents)
+            f32 = lambda x: x.astype(jnp.float32)
+            return f32(dq), f32(dk), f32(dv), [f32(x) for x in dsm]
 
-            dq, dk, dv, dsm = run(piece)
-            d_q = d_q.at[:, rows[a]].add(dq)
-            d_k = d_k.at[:, cols[b]].add(dk)
-            d_v = d_v.at[:, cols[b]].add(dv)
-            d_sm = [x + y for x, y in zip(d_sm, dsm)]
+        def fold(grads, a, b, piece):
+            (d_q, d_k, d_v, d_sm), (dq, dk, dv, dsm) = grads, piece
+            return (_add_chunk(d_q, a, Tc, dq), _add_chunk(d_k, b, Sc, dk), _add_chunk(d_v, b, Sc, dv),
+                    [x + y for x, y in zip(d_sm, dsm)])
+
+        d_q, d_k, d_v, d_sm = _each_piece(st, step_values, s, device, ops.q, (d_q, d_k, d_v, d_sm), compute, fold)
         return (k, v, kv_segments, d_k, d_v), (d_q, d_sm)
 
     travelling = (ops.k, ops.v, ops.kv_segments, f32_zeros(ops.k), f32_zeros(ops.v))
-    (_, _, _, d_k, d_v), (d_q, d_sm) = _walk(
+    (_, _, _, d_k, d_v), (d_q, d_sm) = _walk_in_one_loop(
         st, (travelling, (f32_zeros(ops.q), [f32_zeros(x) for x in sm_leaves])), step)
-    last = max(steps(st))
-    if last:  # each block's gradient is `last` devices downstream: send it home
-        d_k, d_v = _ppermute((d_k, d_v), st, -last)
+    moved = (max(steps(st)) + 1) % st.size
+    if moved:  # each block's gradient is `moved` devices downstream: send it home
+        d_k, d_v = _ppermute((d_k, d_v), st, -moved)
     d_sm = [_sum_over_devices(g, x) for g, x in zip(d_sm, shared_leaves)]
     return Operands(
         q=d_q.astype(ops.q.dtype), k=d_k.astype(ops.k.dtype), v=d_v.astype(ops.v.dtype),
