@@ -11,9 +11,17 @@
   compiled programs (training runs) or that inspect the compiled program (memory) are
   marked ``xla_optimized`` (a test or a whole module); subprocesses the suite starts
   compile normally.  ``JATTN_TEST_XLA_OPTIMIZE=1`` optimises everything (a GPU always).
+- one persistent compilation cache per test session (a fresh temporary folder, removed
+  at the end), shared by the xdist workers and every subprocess the tests start
+  (``JAX_COMPILATION_CACHE_DIR`` in their environment): the training, resume, launcher
+  and 8-device tests compile the same programs in several processes, and a program
+  that took over a second to compile is compiled once (JAX's default threshold).  A
+  session given ``JAX_COMPILATION_CACHE_DIR`` uses that folder and keeps it.
 """
 
 import os
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -61,3 +69,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:  # the marker, not a name containing "gpu"
             item.add_marker(skip)
+
+
+_SESSION_CACHE = "JATTN_TEST_SESSION_CACHE"  # set when this session made the cache folder
+
+
+def pytest_configure(config):
+    """The session's compilation cache: made by the first pytest process (xdist's
+    controller, before it starts the workers, which inherit the environment)."""
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jattn-test-compile-cache-")
+        os.environ[_SESSION_CACHE] = str(os.getpid())
+    # jax read its environment when conftest imported it: tell this process too.
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+def pytest_unconfigure(config):
+    if os.environ.get(_SESSION_CACHE) == str(os.getpid()):
+        shutil.rmtree(os.environ.pop("JAX_COMPILATION_CACHE_DIR"), ignore_errors=True)
