@@ -291,7 +291,7 @@ def _precision(precision):
     return one(precision)
 
 
-SEQUENCE_STRATEGIES = ("ring", "all_gather")
+SEQUENCE_STRATEGIES = ("ring", "all_gather", "ulysses")
 SEQUENCE_LAYOUTS = ("contiguous", "zigzag")
 
 

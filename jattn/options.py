@@ -101,7 +101,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("sequence_strategy", None, "str | None",
            "how a split sequence is served: ``\"ring\"`` (K/V blocks passed around the "
            "axis, merged by log-sum-exp), ``\"all_gather\"`` (every device gathers K/V), "
-           "or None (automatic; see `jattn.explain`).", "config"),
+           "``\"ulysses\"`` (all-to-alls trade the sequence split for a head split; "
+           "only when asked) or None (automatic; see `jattn.explain`).", "config"),
     Option("sequence_layout", "contiguous", "str",
            "the order of the tokens on the sequence axis: ``\"contiguous\"`` (device p "
            "holds chunk p) or ``\"zigzag\"`` (device p holds chunks p and 2P-1-p, "

@@ -138,9 +138,10 @@ class Bias(ScoreMod):
 
 @index_function
 class Shifted(ScoreMod):
-    """``score_mod`` seen from a block of a larger grid: local ``(i, j)`` is the inner
-    modifier's ``(i + q_origin, j + kv_origin)`` (see `jattn.masks.Shifted`;
-    `jattn.parallel` uses it so score modifiers see global positions).
+    """``score_mod`` seen from a block of a larger grid: local ``(head, i, j)`` is the
+    inner modifier's ``(head + head_origin, i + q_origin, j + kv_origin)`` (see
+    `jattn.masks.Shifted`; `jattn.parallel` uses it so score modifiers see global
+    positions and heads).
 
     Example:
       >>> import jax.numpy as jnp
@@ -154,15 +155,16 @@ class Shifted(ScoreMod):
     kv_origin: Any = leaf((), default=0)
     num_q: int = 0
     num_kv: int = 0
+    head_origin: Any = leaf((), default=0)  # the global index of the block's first head
 
     def __call__(self, score, head, q_idx, kv_idx):
-        return self.score_mod(score, head, q_idx + self.q_origin, kv_idx + self.kv_origin)
+        return self.score_mod(score, head + self.head_origin, q_idx + self.q_origin, kv_idx + self.kv_origin)
 
     def batch_in_axes(self, batch_size, num_q, num_kv):
         # The inner modifier's leaves are shaped for the full grid; the origins are
         # scalars shared by the batch.
         inner, inner_axes = self.score_mod.batch_in_axes(batch_size, self.num_q, self.num_kv)
-        axes = dataclasses.replace(self, score_mod=inner_axes, q_origin=None, kv_origin=None)
+        axes = dataclasses.replace(self, score_mod=inner_axes, q_origin=None, kv_origin=None, head_origin=None)
         return dataclasses.replace(self, score_mod=inner), axes
 
 

@@ -3,7 +3,8 @@
 rtol 1e-5), for the ring and all-gather strategies, the contiguous and zig-zag
 layouts, from `jax.jit` on a mesh and inside `jax.shard_map`, with causal / offset /
 window bands, segment ids crossing shard boundaries, key lengths, GQA, soft-capping,
-score modifiers and dropout (the same pattern as one device).  Also: skipped ring
+score modifiers and dropout (the same pattern as one device); Ulysses (heads split
+by all-to-all) likewise.  Also: skipped ring
 steps and the compiled program's collectives, zig-zag balance, errors, `explain`.
 
 The device count must be set before JAX starts, so under a normal run this module
@@ -96,10 +97,12 @@ else:
         per = size * (2 if layout == "zigzag" else 1)
         T = per * draw(st.sampled_from([1, 2]))
         S = T if draw(st.booleans()) else per * draw(st.sampled_from([1, 3]))
-        K = draw(st.sampled_from([1, 2]))
+        strategy = draw(st.sampled_from(["ring", "all_gather", "ulysses"]))
+        # Ulysses splits the heads over the devices: K (and so N) a multiple of them.
+        K = size * draw(st.sampled_from([1, 2])) if strategy == "ulysses" else draw(st.sampled_from([1, 2]))
         N = K * draw(st.sampled_from([1, 2]))
         B = draw(st.sampled_from([1, 2]))
-        kw = {"sequence_strategy": draw(st.sampled_from(["ring", "all_gather"]))}
+        kw = {"sequence_strategy": strategy}
         if draw(st.booleans()):
             kw["is_causal"] = True
         if draw(st.booleans()):
@@ -135,6 +138,11 @@ else:
     @example(dict(B=2, T=16, S=16, N=2, K=1, size=4, layout="zigzag",
                   kw=dict(sequence_strategy="ring", is_causal=True, local_window_size=(6, 2),
                           query_offset=jnp.asarray([2, -3])))).via("per-example offsets")
+    @example(dict(B=2, T=32, S=32, N=16, K=8, size=8, layout="zigzag",
+                  kw=dict(sequence_strategy="ulysses", is_causal=True, score_mod=score_mods.ALiBi(16),
+                          dropout_rate=0.3, dropout_rng=jax.random.key(5), key_value_seq_lengths=jnp.asarray([29, 32]),
+                          query_segment_ids=jnp.asarray(np.repeat(np.arange(4), 8)[None].repeat(2, 0))))).via(
+        "zig-zag Ulysses: heads, segments, dropout")
     def test_split_equals_single_device(case):
         q, k, v = inputs(case["B"], case["T"], case["S"], case["N"], case["K"], 4)
         want = single_device(q, k, v, **case["kw"])
@@ -162,7 +170,8 @@ else:
         """sequence_axis=None: q/k/v sharded along T over an explicit-axis mesh are split
         over that axis (batch over data and heads over model stay as they are)."""
         q, k, v = inputs(2, 16, 16, 4, 2, 8)
-        kw = dict(is_causal=True, dropout_rate=0.2, dropout_rng=jax.random.key(1))
+        # ALiBi: each head shard's blocks must see global head indices (Shifted.head_origin)
+        kw = dict(is_causal=True, dropout_rate=0.2, dropout_rng=jax.random.key(1), score_mod=score_mods.ALiBi(4))
         want = single_device(q, k, v, **kw)
         mesh = jax.make_mesh((2, 2, 2), ("data", "seq", "model"), axis_types=(AxisType.Explicit,) * 3)
         spec = NamedSharding(mesh, P("data", "seq", "model", None))
@@ -287,6 +296,20 @@ else:
         one, split = scaling.per_device_bytes(32768, 1), scaling.per_device_bytes(32768, 8)
         assert split <= 1.5 / 8 * one, f"{split / 2**20:.1f} MiB per device = {split / one:.4f} of one device"
 
+    def test_ulysses_trades_the_split_with_four_all_to_alls():
+        """q, k, v go to a head split and the output comes back: four all-to-alls (each
+        sends a shard's eight head groups of [1, 4, 1, 4]), nothing gathered or sent
+        round a ring (no segment ids here; the unused lse never travels)."""
+        q, k, v = inputs(1, 32, 32, 8, 8, 4)
+        with jax.set_mesh(mesh := mesh_of(8)):
+            text = _compiled_text(lambda q, k, v: jattn.dot_product_attention(
+                q, k, v, is_causal=True, sequence_axis="seq", sequence_strategy="ulysses"), q, k, v, mesh=mesh)
+        exchanges = re.findall(r"^\s*%all-to-all[.\d]* = \(([^)]*)\) all-to-all\(", text, re.M)
+        assert len(exchanges) == 4, exchanges
+        assert all(re.sub(r"\{[\d,]+\}|/\*index=\d+\*/", "", e).replace(" ", "") == ",".join(["f32[1,4,1,4]"] * 8)
+                   for e in exchanges), exchanges
+        assert _count("all-gather", text) == 0 and _count("collective-permute", text) == 0
+
     def test_all_gather_gathers_only_keys_and_values():
         q, k, v = inputs(1, 32, 32, 4, 1, 4)
         with jax.set_mesh(mesh := mesh_of(8)):
@@ -323,8 +346,11 @@ else:
                                             return_weights=True)
             with pytest.raises(ValueError, match=r"bias: a \[B, N, T, S\] array cannot follow"):
                 jattn.dot_product_attention(q16, k16, v16, bias=jnp.zeros((16, 16)), sequence_axis="seq")
-            with pytest.raises(ValueError, match=r"sequence_strategy: got 'ulysses'"):
+            with pytest.raises(ValueError, match=r"sequence_strategy='ulysses' cannot serve.*N=2 query heads "
+                                                 r"and K=2 key/value heads must both be multiples of the 8"):
                 jattn.dot_product_attention(q16, k16, v16, sequence_axis="seq", sequence_strategy="ulysses")
+            with pytest.raises(ValueError, match=r"sequence_strategy: got 'ulises'; expected .*'ulysses'"):
+                jattn.dot_product_attention(q16, k16, v16, sequence_axis="seq", sequence_strategy="ulises")
         with pytest.raises(ValueError, match=r"sequence_axis: got 'seq', but no mesh is set"):
             jattn.dot_product_attention(q, k, v, sequence_axis="seq")
 
@@ -340,6 +366,8 @@ else:
             assert many_kv.sequence.startswith("ring") and many_kv.backend in ("dense", "chunked"), many_kv
             weights = jattn.explain(q, q, q, sequence_axis="seq", return_weights=True)
             assert weights.sequence.startswith("all_gather") and weights.backend == "dense", weights
+            heads = jattn.explain(q, q, q, is_causal=True, sequence_axis="seq", sequence_strategy="ulysses")
+            assert heads.sequence.startswith("ulysses") and "requested" in heads.sequence, heads
 
     def test_modules_take_a_split_sequence_with_zigzag_positions():
         """jattn.nnx / jattn.linen SelfAttention (causal, RoPE) with the sequence split

@@ -186,7 +186,8 @@ def piece_call(st: Static, ops: Operands, q_chunk, kv_chunk, kind: int, delta, q
         query_seq_lengths=clip(ops.q_lengths, q0, Tc), key_value_seq_lengths=clip(ops.kv_lengths, k0, Sc),
         segment_ids=None if q_segments is None else (q_segments, kv_segments),
         user_mask=None if ops.mask is None else masks_lib.Shifted(ops.mask, **shift),
-        user_score_mod=None if score_mod is None else score_mods_lib.Shifted(score_mod, **shift),
+        user_score_mod=None if score_mod is None else score_mods_lib.Shifted(
+            score_mod, **shift, head_origin=ops.origin[1]),
         logits_soft_cap=st.logits_soft_cap, dropout_rate=st.dropout_rate, dropout_rng=ops.rng,
         implementation=st.implementation, block_sizes=st.block_sizes, return_weights=return_weights,
         return_residual=not return_weights, precision=st.precision, sequence_axis=None, sequence_strategy=None,

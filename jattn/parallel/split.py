@@ -12,8 +12,10 @@ explicit-axis mesh.  Two modes:
   `jax.shard_map` for the caller.  The result is sharded like the query, with its
   sequence over the axis.
 
-Strategies (`sequence_strategy`): ``"ring"`` (`jattn.parallel.ring`) and
-``"all_gather"`` (`jattn.parallel.all_gather`); None picks one (`choose_strategy`).
+Strategies (`sequence_strategy`): ``"ring"`` (`jattn.parallel.ring`),
+``"all_gather"`` (`jattn.parallel.all_gather`) and ``"ulysses"``
+(`jattn.parallel.ulysses`, only when asked); None picks ring or all-gather
+(`choose_strategy`).
 Per device, each block is an ordinary call served by a backend of the registry
 (`jattn.parallel.blocks`).
 
@@ -36,11 +38,11 @@ from jax.sharding import PartitionSpec as P
 from jattn import dispatch
 from jattn.backends.heads import mesh_spec
 from jattn.call import AttentionCall
-from jattn.parallel import all_gather, blocks, ring
+from jattn.parallel import all_gather, blocks, ring, ulysses
 from jattn.parallel.blocks import PARTIAL, Static
 from jattn.parallel.layout import chunks_per_device
 
-STRATEGIES = {"ring": ring, "all_gather": all_gather}
+STRATEGIES = {"ring": ring, "all_gather": all_gather, "ulysses": ulysses}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +116,9 @@ def choose_strategy(call: AttentionCall, st: Static) -> tuple[str, str]:
     refused = {}
     if call.return_weights:
         refused["ring"] = "it cannot return the weights (no device holds a row's keys); all_gather can"
+    s = call.shape
+    if (why := ulysses.refusal(st, s["N"], s["K"], call.return_weights)) is not None:
+        refused["ulysses"] = why
     if call.sequence_strategy is not None:
         if call.sequence_strategy in refused:
             raise ValueError(
@@ -126,7 +131,6 @@ def choose_strategy(call: AttentionCall, st: Static) -> tuple[str, str]:
     used = len(ring.steps(st))
     if used < st.size:
         return "ring", f"the mask needs {used} of {st.size} ring steps; all-gather would move every block"
-    s = call.shape
     if s["K"] * st.size <= s["N"]:
         return "all_gather", (
             f"{s['K']} kv heads × {st.size} devices <= {s['N']} query heads: the gathered K/V "
@@ -144,18 +148,21 @@ def explain(call: AttentionCall, split: Split, platform: str) -> dispatch.Explan
     num_q, num_kv = _check(call, split)
     st = blocks.static_of(call, split.axis, split.size, platform, num_q, num_kv)
     strategy, why = choose_strategy(call, st)
-    inner = _representative_choice(call, st, platform)
+    inner = _representative_choice(call, st, platform, strategy)
     steps = f"; {len(ring.steps(st))} of {st.size} ring steps run" if strategy == "ring" else ""
     line = (f"{strategy} over {split.axis!r} ({split.size} devices, {st.layout} layout, "
             f"{split.mode}): {why}{steps}; each block: {inner.backend}")
     return dataclasses.replace(inner, sequence=line)
 
 
-def _representative_choice(call: AttentionCall, st: Static, platform: str) -> dispatch.Explanation:
+def _representative_choice(call: AttentionCall, st: Static, platform: str, strategy: str) -> dispatch.Explanation:
     """The backend choice for a block like those the strategy makes (abstract
     arrays of one device's block shapes, so nothing is sliced or allocated)."""
     kind = PARTIAL if (np.array(st.band) == PARTIAL).any() else blocks.FULL
-    s = call.shape
+    s = dict(call.shape)
+    if strategy == "ulysses":  # the whole sequence, N/P and K/P heads
+        st = dataclasses.replace(st, chunk_q=st.num_q, chunk_kv=st.num_kv)
+        s.update(N=s["N"] // st.size, K=s["K"] // st.size)
     chosen = []
 
     def choose():
