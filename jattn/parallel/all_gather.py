@@ -21,22 +21,13 @@ from jax import lax
 
 from jattn.parallel import blocks
 from jattn.parallel.blocks import FULL, PARTIAL, Operands, Static
-from jattn.parallel.layout import unzigzag
-
-
-def _gather(x, st: Static):
-    """The whole sequence of ``x`` (axis 1), in natural order."""
-    if x is None:
-        return None
-    full = lax.all_gather(x, st.axis, axis=1, tiled=True)
-    return unzigzag(full, st.size, axis=1) if st.layout == "zigzag" else full
 
 
 def run(st: Static, ops: Operands, return_weights: bool = False):
     """``(out [B, Tl, N, Hv], weights [B, N, Tl, S] | None, lse [B, Tl, N])`` of this
     device's queries, inside `jax.shard_map` over ``st.axis``."""
     device = lax.axis_index(st.axis)
-    k, v, kv_segments = _gather(ops.k, st), _gather(ops.v, st), _gather(ops.kv_segments, st)
+    k, v, kv_segments = (blocks.gather_sequence(x, st) for x in (ops.k, ops.v, ops.kv_segments))
     whole = dataclasses.replace(st, chunk_kv=st.num_kv)  # one key "chunk": all of them
     band = np.array(st.band)
     Cq = ops.q.shape[1] // st.chunks

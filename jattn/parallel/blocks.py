@@ -35,7 +35,7 @@ from jattn import dispatch
 from jattn import masks as masks_lib
 from jattn import score_mods as score_mods_lib
 from jattn.call import AttentionCall
-from jattn.parallel.layout import chunks_per_device, device_chunks
+from jattn.parallel.layout import chunks_per_device, device_chunks, unzigzag
 
 Array = jax.Array
 EMPTY, PARTIAL, FULL = masks_lib.EMPTY, masks_lib.PARTIAL, masks_lib.FULL
@@ -208,6 +208,15 @@ def run_piece(call: AttentionCall, platform: str):
     """``(out [B, Tc, N, Hv] float32, lse [B, Tc, N] float32)`` of a piece."""
     out, _, lse = run_call(call, platform)
     return out.astype(jnp.float32), lse.astype(jnp.float32)
+
+
+def gather_sequence(x, st: Static):
+    """The whole sequence of ``x`` (axis 1) on every device, in natural order (the
+    zig-zag layout undone); None stays None."""
+    if x is None:
+        return None
+    full = jax.lax.all_gather(x, st.axis, axis=1, tiled=True)
+    return unzigzag(full, st.size, axis=1) if st.layout == "zigzag" else full
 
 
 def empty_piece(q_rows: Array, hv: int):

@@ -54,14 +54,6 @@ def _to_sequence(x, st: Static):
     return lax.all_to_all(x, st.axis, split_axis=1, concat_axis=2, tiled=True)
 
 
-def _gather(x, st: Static):
-    """Per-token ids ``[B, T/P]`` -> ``[B, T]`` in natural order."""
-    if x is None:
-        return None
-    full = lax.all_gather(x, st.axis, axis=1, tiled=True)
-    return unzigzag(full, st.size, axis=1) if st.layout == "zigzag" else full
-
-
 def run(st: Static, ops: Operands, return_weights: bool = False):
     """``(out [B, Tl, N, Hv], None, lse [B, Tl, N])`` of this device's queries, inside
     `jax.shard_map` over ``st.axis`` (`refusal` says when it cannot serve)."""
@@ -75,7 +67,7 @@ def run(st: Static, ops: Operands, return_weights: bool = False):
     call = blocks.piece_call(
         whole, ops._replace(origin=origin), 0, 0, kind, 0,
         _to_heads(ops.q, st), _to_heads(ops.k, st), _to_heads(ops.v, st),
-        _gather(ops.q_segments, st), _gather(ops.kv_segments, st), ops.score_mod,
+        blocks.gather_sequence(ops.q_segments, st), blocks.gather_sequence(ops.kv_segments, st), ops.score_mod,
     )
     out, _, lse = blocks.run_call(call, st.platform)
     out = _to_sequence(out.astype(ops.v.dtype), st)
