@@ -9,7 +9,8 @@ their environment, both sides alike); only the 200-step reference run that the
 killed-and-resumed command-line run must reproduce to rtol 1e-6 is compiled as the
 command line compiles it.  In the every-config test the two byte-level LM configs
 (lm, throughput_cpu) train on sequences of 64 at batch 16 (their loss still falls by
-about 2, ten times the 0.2 asserted), and only lm writes its plots through
+about 2, ten times the 0.2 asserted), so does passkey (T=4096 over 8 devices in its
+file; here T=64 on one), and only lm writes its plots through
 ``train`` (a recall run's plots are checked by `test_plots_and_samples_of_a_run`).
 """
 
@@ -61,7 +62,10 @@ def _cli(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.Pop
 CHEAP_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"} if CHEAP_COMPILES else {}
 # Per config: overrides that make its 30 steps cheaper (see the module docstring).
 SMALLER = {"lm": ["data.lm.seq_len=64", "train.batch_size=16"],
-           "throughput_cpu": ["data.lm.seq_len=64", "train.batch_size=16"]}
+           "throughput_cpu": ["data.lm.seq_len=64", "train.batch_size=16"],
+           # T=4096 split over 8 devices: here T=64 on this process's one device
+           "passkey": ["data.passkey.seq_len=64", "data.passkey.min_distance=32", "mesh.context=1",
+                       "train.batch_size=16"]}
 
 
 @pytest.mark.parametrize("name", TRAINING_CONFIGS)
