@@ -33,6 +33,7 @@ TINY = [
 KILLED = ["checkpoint.every=5"]  # the two-process job: killed after its first checkpoint
 MESHES = {  # name -> mesh overrides (8 devices)
     "one": ["mesh.data=1"],
+    "d8": ["mesh.data=8"],  # data parallelism alone (the default on 8 devices)
     "dtc": ["mesh.data=2", "mesh.tensor=2", "mesh.context=2"],
     "ftc": ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "mesh.context=2"],
 }
@@ -93,7 +94,7 @@ def _wait(proc: subprocess.Popen, log: pathlib.Path, timeout: float = 600) -> st
 def jobs(tmp_path_factory):
     """Every run of the module, overlapped to use both cores of a small machine:
 
-    - a subprocess with 8 CPU devices trains the ``dtc`` and ``ftc`` meshes;
+    - a subprocess with 8 CPU devices trains the ``d8``, ``dtc`` and ``ftc`` meshes;
     - a two-process job (4 devices each, ``ftc`` mesh) has process 1 SIGKILLed after
       its first checkpoint, then is resumed (the two launches share a compilation
       cache, so the resumed one compiles nothing);
@@ -104,7 +105,7 @@ def jobs(tmp_path_factory):
     with open(ref_log, "w") as f:
         ref = subprocess.Popen(
             [sys.executable, "-c", SCRIPT, str(runs_dir), json.dumps(TINY),
-             json.dumps({k: MESHES[k] for k in ("dtc", "ftc")})],
+             json.dumps({k: MESHES[k] for k in ("d8", "dtc", "ftc")})],
             cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT,
         )
 
@@ -145,11 +146,12 @@ def jobs(tmp_path_factory):
                 resumed_out=resumed_out)
 
 
-@pytest.mark.parametrize("mesh", ["dtc", "ftc"])
+@pytest.mark.parametrize("mesh", ["d8", "dtc", "ftc"])
 def test_a_sharded_run_on_8_devices_trains_like_one_device(jobs, mesh):
     want, got = jobs["runs"] / "one", jobs["runs"] / mesh
-    assert f"DEVICES {mesh} 8 x cpu (cpu), mesh " in jobs["ref_out"]
-    assert f"SPLIT {mesh} True context" in jobs["ref_out"]  # the context axis served by jattn.parallel
+    assert f"DEVICES {mesh} 8 x cpu (cpu)" in jobs["ref_out"]
+    # the context axis served by jattn.parallel (none with data parallelism alone)
+    assert f"SPLIT {mesh} {mesh != 'd8'} {'None' if mesh == 'd8' else 'context'}" in jobs["ref_out"]
     losses, want_losses = [r["loss"] for r in rows(got, "train")], [r["loss"] for r in rows(want, "train")]
     assert len(losses) == 4
     np.testing.assert_allclose(losses, want_losses, rtol=1e-4)
