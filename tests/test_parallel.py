@@ -212,11 +212,10 @@ else:
         assert_close(got, want)
 
     def test_composes_with_jax_transformations():
-        """The ring and the all-gather under grad of jit, `jax.checkpoint` inside a
-        `lax.scan` over two layers and `jax.vmap` over an extra leading axis, with
-        rank promotion "raise" and strict dtype promotion: the one-device values and
-        gradients."""
-        q, k, v = inputs(2, 16, 16, 2, 1, 4)
+        """The ring, the all-gather and Ulysses under grad of jit, `jax.checkpoint`
+        inside a `lax.scan` over two layers and `jax.vmap` over an extra leading axis,
+        with rank promotion "raise" and strict dtype promotion: the one-device values
+        and gradients."""
 
         def layers(q, k, v, **kw):
             def body(x, _):
@@ -227,8 +226,9 @@ else:
             stack = lambda x: jnp.stack([x, 0.5 * x])
             return jax.vmap(lambda q, k, v: layers(q, k, v, **kw))(stack(q), stack(k), stack(v)).sum(0)
 
-        want = out_and_grads(lambda q, k, v: batched(q, k, v, implementation="dense"), q, k, v)
-        for strategy in ("ring", "all_gather"):
+        for strategy, heads, kv_heads in (("ring", 2, 1), ("all_gather", 2, 1), ("ulysses", 8, 4)):
+            q, k, v = inputs(2, 16, 16, heads, kv_heads, 4)
+            want = out_and_grads(lambda q, k, v: batched(q, k, v, implementation="dense"), q, k, v)
             with jax.set_mesh(mesh_of(4)), jax.numpy_rank_promotion("raise"), jax.numpy_dtype_promotion("strict"):
                 got = out_and_grads(lambda q, k, v: batched(q, k, v, sequence_axis="seq",
                                                             sequence_strategy=strategy), q, k, v)
