@@ -1,7 +1,9 @@
 """The pieces of a split sequence: (query chunk, key chunk) blocks as ordinary calls.
 
 A device of a split sequence holds ``c`` query chunks and, at each step of a ring (or
-after an all-gather), some key/value chunks (``c`` = 1, or 2 for the zig-zag layout).
+after an all-gather), some key/value chunks: the zig-zag layout's two, or the
+contiguous layout's block cut in two where its length is even (``Static.pieces``), so
+that a piece's temporaries are half a device's block (else ``c`` = 1).
 One *piece* is one query chunk against one key/value chunk.  It is computed by any
 backend of the registry as an ordinary `AttentionCall` — the `piece_call` — whose
 masks and score modifiers see **global** positions:
@@ -70,13 +72,18 @@ class Static:
     forward_mode: bool
     band: tuple
     other_masks: bool
+    pieces: int = 1  # each of the layout's chunks cut into this many (the chunks below)
 
     @property
     def chunks(self) -> int:
-        return chunks_per_device(self.layout)
+        """Chunks per device: the layout's, each cut into ``pieces``."""
+        return chunks_per_device(self.layout) * self.pieces
 
     def device_chunks(self) -> np.ndarray:
-        return device_chunks(self.layout, self.size)
+        """``[P, chunks]`` the global ids (in units of ``chunk_q`` / ``chunk_kv``) of the
+        chunks device p holds, in order."""
+        held = device_chunks(self.layout, self.size)[:, :, None] * self.pieces + np.arange(self.pieces)
+        return held.reshape(self.size, -1)
 
 
 class Operands(NamedTuple):
@@ -99,7 +106,11 @@ class Operands(NamedTuple):
 def static_of(call: AttentionCall, axis: str, size: int, platform: str, num_q: int, num_kv: int) -> Static:
     """The `Static` part of a call whose global lengths are ``num_q`` / ``num_kv``."""
     c = chunks_per_device(call.sequence_layout)
-    chunk_q, chunk_kv = num_q // (size * c), num_kv // (size * c)
+    # A contiguous block is cut in two where it divides: a ring step's work then runs
+    # as pieces of half the block, whose temporaries are half the size (the zig-zag
+    # layout's chunks already are), and a causal diagonal skips its empty quarter.
+    pieces = 2 if c == 1 and num_q % (2 * size) == 0 and num_kv % (2 * size) == 0 else 1
+    chunk_q, chunk_kv = num_q // (size * c * pieces), num_kv // (size * c * pieces)
     int_offset = call.query_offset if isinstance(call.query_offset, int) else None
     band = _band_kinds(call, int_offset, num_q, num_kv, chunk_q, chunk_kv)
     other = any(x is not None for x in (call.query_seq_lengths, call.key_value_seq_lengths,
@@ -111,6 +122,7 @@ def static_of(call: AttentionCall, axis: str, size: int, platform: str, num_q: i
         logits_soft_cap=call.logits_soft_cap, dropout_rate=call.dropout_rate,
         implementation=call.implementation, block_sizes=call.block_sizes, precision=call.precision,
         forward_mode=call.forward_mode, band=tuple(map(tuple, band.tolist())), other_masks=other,
+        pieces=pieces,
     )
 
 
