@@ -150,21 +150,23 @@ else:
         assert_close(got, want)
 
     def test_inside_shard_map_with_batch_and_heads_split_too():
-        """Local mode: the user's shard_map over (data, seq); batch over data."""
-        q, k, v = inputs(2, 16, 16, 4, 2, 8)
-        kw = dict(is_causal=True, score_mod=score_mods.ALiBi(4), logits_soft_cap=3.0)
-        want = single_device(q, k, v, **kw)
+        """Local mode: the user's shard_map over (data, seq); batch over data.  The
+        automatic strategy (ring) and Ulysses (heads a multiple of the 4 devices)."""
         mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
         spec = P("data", "seq", None, None)
+        for strategy, heads, kv_heads in ((None, 4, 2), ("ulysses", 8, 4)):
+            q, k, v = inputs(2, 16, 16, heads, kv_heads, 8)
+            kw = dict(is_causal=True, score_mod=score_mods.ALiBi(heads), logits_soft_cap=3.0)
+            want = single_device(q, k, v, **kw)
 
-        def local(q, k, v):
-            return jattn.dot_product_attention(q, k, v, sequence_axis="seq", **kw)
+            def local(q, k, v):
+                return jattn.dot_product_attention(q, k, v, sequence_axis="seq", sequence_strategy=strategy, **kw)
 
-        with jax.set_mesh(mesh):
-            fn = jax.shard_map(local, in_specs=(spec,) * 3, out_specs=spec)
-            put = lambda x: jax.device_put(x, NamedSharding(mesh, spec))
-            out, grads = out_and_grads(fn, put(q), put(k), put(v))
-        assert_close((out, grads), want)
+            with jax.set_mesh(mesh):
+                fn = jax.shard_map(local, in_specs=(spec,) * 3, out_specs=spec)
+                put = lambda x: jax.device_put(x, NamedSharding(mesh, spec))
+                out, grads = out_and_grads(fn, put(q), put(k), put(v))
+            assert_close((out, grads), want)
 
     def test_automatic_split_from_the_inputs_sharding():
         """sequence_axis=None: q/k/v sharded along T over an explicit-axis mesh are split
