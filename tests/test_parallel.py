@@ -185,6 +185,15 @@ else:
             assert jax.typeof(out).sharding.spec == P("data", "seq", "model", None)
         assert why.sequence is not None and "'seq'" in why.sequence, str(why)
         assert_close((out, grads), want)
+        # Ulysses splits each "model" shard's heads again (8 heads: 4 a shard, 2 a device)
+        q, k, v = inputs(2, 16, 16, 8, 4, 8)
+        kw["score_mod"] = score_mods.ALiBi(8)
+        want = single_device(q, k, v, **kw)
+        with jax.set_mesh(mesh):
+            args = [jax.device_put(x, spec) for x in (q, k, v)]
+            got = out_and_grads(lambda q, k, v: jattn.dot_product_attention(
+                q, k, v, sequence_strategy="ulysses", **kw), *args)
+        assert_close(got, want)
 
     def test_all_gather_returns_the_weights_of_one_device():
         """return_weights with a split sequence (all-gather; the ring refuses it): each
@@ -355,8 +364,14 @@ else:
             with pytest.raises(ValueError, match=r"bias: a \[B, N, T, S\] array cannot follow"):
                 jattn.dot_product_attention(q16, k16, v16, bias=jnp.zeros((16, 16)), sequence_axis="seq")
             with pytest.raises(ValueError, match=r"sequence_strategy='ulysses' cannot serve.*N=2 query heads "
-                                                 r"and K=2 key/value heads must both be multiples of the 8"):
+                                                 r"and K=2 key/value heads \(per head shard\) must both be multiples of the 8"):
                 jattn.dot_product_attention(q16, k16, v16, sequence_axis="seq", sequence_strategy="ulysses")
+        # 4 heads over 4 devices, but already split over "model": 2 heads a shard, too few
+        mesh = jax.make_mesh((4, 2), ("seq", "model"), axis_types=(AxisType.Explicit,) * 2)
+        with jax.set_mesh(mesh):
+            q4 = jax.device_put(inputs(1, 16, 16, 4, 4, 4)[0], NamedSharding(mesh, P(None, "seq", "model", None)))
+            with pytest.raises(ValueError, match=r"N=2 query heads and K=2 key/value heads \(per head shard\)"):
+                jattn.dot_product_attention(q4, q4, q4, sequence_axis="seq", sequence_strategy="ulysses")
             with pytest.raises(ValueError, match=r"sequence_strategy: got 'ulises'; expected .*'ulysses'"):
                 jattn.dot_product_attention(q16, k16, v16, sequence_axis="seq", sequence_strategy="ulises")
         with pytest.raises(ValueError, match=r"sequence_axis: got 'seq', but no mesh is set"):

@@ -117,7 +117,8 @@ def choose_strategy(call: AttentionCall, st: Static) -> tuple[str, str]:
     if call.return_weights:
         refused["ring"] = "it cannot return the weights (no device holds a row's keys); all_gather can"
     s = call.shape
-    if (why := ulysses.refusal(st, s["N"], s["K"], call.return_weights)) is not None:
+    shards = _head_shards(call)  # Ulysses splits each device's heads again
+    if (why := ulysses.refusal(st, s["N"] // shards, s["K"] // shards, call.return_weights)) is not None:
         refused["ulysses"] = why
     if call.sequence_strategy is not None:
         if call.sequence_strategy in refused:
@@ -140,6 +141,17 @@ def choose_strategy(call: AttentionCall, st: Static) -> tuple[str, str]:
         f"{s['K']} kv heads × {st.size} devices > {s['N']} query heads: gathering K/V would hold "
         f"{st.size}× the local K/V; a ring holds one block and overlaps sends with compute"
     )
+
+
+def _head_shards(call: AttentionCall) -> int:
+    """How many ways the query's heads are already split over other mesh axes (a
+    global call on inputs sharded over heads; a local call sees its shard's heads)."""
+    found = mesh_spec(call.query)
+    entry = None if found is None else found[0][2]
+    if entry is None:
+        return 1
+    sizes = dict(found[1].shape)
+    return int(np.prod([sizes[a] for a in (entry if isinstance(entry, tuple) else (entry,))]))
 
 
 def explain(call: AttentionCall, split: Split, platform: str) -> dispatch.Explanation:

@@ -33,8 +33,8 @@ from jattn.parallel.layout import unzigzag, zigzag
 def refusal(st: Static, num_heads: int, kv_heads: int, return_weights: bool) -> str | None:
     """Why Ulysses cannot serve a call, or None."""
     if num_heads % st.size or kv_heads % st.size:
-        return (f"its N={num_heads} query heads and K={kv_heads} key/value heads must both be "
-                f"multiples of the {st.size} devices of {st.axis!r} (each device takes whole GQA groups)")
+        return (f"its N={num_heads} query heads and K={kv_heads} key/value heads (per head shard) must "
+                f"both be multiples of the {st.size} devices of {st.axis!r} (each device takes whole GQA groups)")
     if return_weights:
         return "it does not return the weights (all_gather does)"
     return None
